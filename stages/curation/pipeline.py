@@ -1,0 +1,122 @@
+"""The curation chain: step order, the config that composes every step's config, and the registry.
+
+Each step is a content-addressed stage: its output folder is named by
+``config_hash(step name, step config, parent key)``, the parent key being the previous step's (the
+ingest key hashes the ingest config and the input files' digests). Changing one filter's config
+therefore recomputes only that step and the ones after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import Field
+
+from stages.common import StageConfig, config_hash
+from stages.curation.base import ExecutorConfig, run_filter_step
+from stages.curation.dedup import (
+    ExactDedupConfig,
+    MinHashConfig,
+    SemanticDedupConfig,
+    exact_dedup,
+    minhash_dedup,
+    semantic_dedup,
+)
+from stages.curation.filters import (
+    HeuristicConfig,
+    LanguageConfig,
+    NsfwConfig,
+    PiiConfig,
+    UrlFilterConfig,
+    build_heuristic_filter,
+    build_language_filter,
+    build_nsfw_filter,
+    build_pii_step,
+    build_url_filter,
+)
+from stages.curation.ingest import IngestConfig
+from stages.curation.quality import QualityConfig, quality_filter
+
+
+class CurationConfig(StageConfig):
+    """Every curation step's config, in pipeline order. Each step has an ``enabled`` switch."""
+
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="input validation and sharding")
+    url: UrlFilterConfig = Field(default_factory=UrlFilterConfig, description="1. UT1 adult URL blocklist")
+    language: LanguageConfig = Field(default_factory=LanguageConfig, description="2. fastText lid.176 language ID")
+    heuristics: HeuristicConfig = Field(default_factory=HeuristicConfig,
+                                        description="3. Gopher quality + repetition, C4, FineWeb rules (code rules for code)")
+    nsfw: NsfwConfig = Field(default_factory=NsfwConfig, description="4. bad-word density / weighted phrases")
+    pii: PiiConfig = Field(default_factory=PiiConfig, description="5. redact e-mails, IPs, phone numbers")
+    exact_dedup: ExactDedupConfig = Field(default_factory=ExactDedupConfig, description="6a. exact dedup")
+    near_dedup: MinHashConfig = Field(default_factory=MinHashConfig, description="6b. MinHash-LSH fuzzy dedup")
+    semantic_dedup: SemanticDedupConfig = Field(default_factory=SemanticDedupConfig,
+                                                description="6c. embedding-based semantic dedup")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="7. fastText quality classifier")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig,
+                                     description="datatrove executor: local (default), ray or slurm")
+
+
+STEP_ORDER = ("url", "language", "heuristics", "nsfw", "pii", "exact_dedup", "near_dedup", "semantic_dedup",
+              "quality")
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step needs besides its config and folders."""
+
+    cache_dir: Path
+    classifier_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+StepFn = Callable[[CurationConfig, Path, Path, StepContext], dict]
+
+
+def _filter(name: str, build: Callable) -> StepFn:
+    def run(cfg: CurationConfig, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+        sub = getattr(cfg, name)
+        return run_filter_step(lambda: build(sub, ctx.cache_dir), in_dir, out_dir, cfg.executor, name)
+
+    return run
+
+
+def _quality(cfg: CurationConfig, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    if ctx.classifier_path is None:
+        raise ValueError("the quality step needs a trained classifier (StepContext.classifier_path)")
+    return quality_filter(cfg.quality, ctx.classifier_path, in_dir, out_dir, cfg.executor)
+
+
+STEPS: dict[str, StepFn] = {
+    "url": _filter("url", build_url_filter),
+    "language": _filter("language", build_language_filter),
+    "heuristics": _filter("heuristics", build_heuristic_filter),
+    "nsfw": _filter("nsfw", build_nsfw_filter),
+    "pii": _filter("pii", build_pii_step),
+    "exact_dedup": lambda cfg, i, o, ctx: exact_dedup(cfg.exact_dedup, i, o),
+    "near_dedup": lambda cfg, i, o, ctx: minhash_dedup(cfg.near_dedup, i, o, cfg.executor),
+    "semantic_dedup": lambda cfg, i, o, ctx: semantic_dedup(cfg.semantic_dedup, i, o,
+                                                            cache_dir=ctx.cache_dir / "embeddings"),
+    "quality": _quality,
+}
+
+
+def enabled_steps(cfg: CurationConfig) -> list[str]:
+    return [name for name in STEP_ORDER if getattr(getattr(cfg, name), "enabled", True)]
+
+
+def ingest_key(cfg: CurationConfig, input_digest: str) -> str:
+    return config_hash("ingest", cfg.ingest, input_digest)
+
+
+def step_key(cfg: CurationConfig, name: str, parent_key: str, classifier_digest: str | None = None) -> str:
+    parts = [name, getattr(cfg, name), parent_key]
+    if name == "quality":
+        parts.append(classifier_digest or "")
+    return config_hash(*parts)
+
+
+def run_step(name: str, cfg: CurationConfig, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    return STEPS[name](cfg, Path(in_dir), Path(out_dir), ctx)

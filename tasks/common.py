@@ -1,0 +1,46 @@
+"""What every herd task shares: step references, retry policy, cache keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from stages.errors import TransientIOError
+
+
+class StepRef(BaseModel):
+    """A finished, content-addressed stage output: where it is and what it holds."""
+
+    name: str
+    key: str
+    path: str
+    digest: str
+    docs: int = 0
+    stats: dict = {}
+    cached: bool = False
+    run_id: str | None = None
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retry only on ``TransientIOError`` (flaky network/filesystem), never on bad data or configs."""
+    try:
+        state.result()
+    except TransientIOError:
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+    return False
+
+
+def key_from_params(context, parameters) -> str:
+    """Prefect cache key: the stage's content address (config hash + input digests) passed as ``key``."""
+    return f"herd-{parameters['name']}-{parameters['key']}"
+
+
+def manifest_exists(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def strip_examples(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != "examples"}
