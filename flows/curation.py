@@ -39,6 +39,7 @@ def data_fetch_flow(config: FetchConfig = tiny().fetch, parent_run_id: str | Non
 
 @flow(name="curation")
 def curation_flow(input: list[str], output: str | None = None, config: CurationConfig = tiny().curation,
+                  classifier_corpus: FetchConfig = tiny().fetch,
                   parent_run_id: str | None = None) -> dict:
     """Curate raw documents: URL, language, heuristic, NSFW, PII, exact/near/semantic dedup, quality."""
     s = load_settings()
@@ -53,7 +54,8 @@ def curation_flow(input: list[str], output: str | None = None, config: CurationC
         steps = enabled_steps(config)
         classifier = None
         if "quality" in steps:
-            classifier = quality_classifier_task(config.quality, store, str(s.cache), run_id)
+            classifier = quality_classifier_task(config.quality, classifier_corpus, store, str(s.cache), run_id,
+                                                        retrain=config.quality.retrain)
         chain = []
         for name in steps:
             k = step_key(config, name, ref.key, classifier["digest"] if classifier and name == "quality" else None)
@@ -85,7 +87,7 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
     s = load_settings()
     with parent_run("herd-pipeline", config) as run_id:
         fetched = data_fetch_flow(config.fetch, parent_run_id=run_id)
-        curated = curation_flow([fetched["path"]], str(s.home / "curated" / config.name), config.curation,
+        curated = curation_flow([fetched["path"]], str(s.home / "curated" / config.name), config.curation, config.fetch,
                                 parent_run_id=run_id)
         mixed = mix_flow([curated["output"] + "/kept"], str(s.home / "mixed" / config.name), config.mix,
                          parent_run_id=run_id)

@@ -47,6 +47,8 @@ _WS = re.compile(r"\s+")
 class ExactDedupConfig(StageConfig):
     """Exact dedup on a hash of normalised text."""
 
+    enabled: bool = Field(True, description="run exact dedup")
+
     lowercase: bool = Field(True, description="lowercase before hashing")
     collapse_whitespace: bool = Field(True, description="collapse runs of whitespace to one space and strip the ends")
     strip_punctuation: bool = Field(False, description="drop Unicode punctuation characters before hashing")
@@ -163,6 +165,8 @@ def optimal_lsh_params(threshold: float, num_hashes: int, false_positive_weight:
 class MinHashConfig(StageConfig):
     """MinHash-LSH near-duplicate removal (datatrove's four MinHash steps)."""
 
+    enabled: bool = Field(True, description="run MinHash-LSH near-duplicate dedup")
+
     threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Jaccard similarity of word n-gram sets above which two "
                              "documents are near duplicates; sets the LSH S-curve")
     n_grams: int = Field(5, ge=1, description="word n-gram (shingle) size")
@@ -256,21 +260,23 @@ def minhash_dedup(cfg: MinHashConfig, in_dir: str | Path, out_dir: str | Path, e
         return JsonlReader(str(in_dir / KEPT), glob_pattern="*.jsonl", add_file_path=False)
 
     t0 = time.perf_counter()
-    base.make_executor(executor, [reader(), MinhashDedupSignature(str(work / "signatures"), config=dt_cfg,
-                                                                  language=cfg.language)],
-                       work / "logs" / "signatures", tasks=tasks).run()
-    base.make_executor(executor, [MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=dt_cfg)],
-                       work / "logs" / "buckets", tasks=b).run()
-    base.make_executor(executor, [MinhashDedupCluster(str(work / "buckets"), str(work / "remove_ids"), config=dt_cfg,
-                                                      save_cluster_id=True)],
-                       work / "logs" / "clusters", tasks=1).run()
+    # chained with depends= (datatrove's idiom): running the last executor runs the whole chain
+    sigs = base.make_executor(executor, [reader(), MinhashDedupSignature(str(work / "signatures"), config=dt_cfg,
+                                                                         language=cfg.language)],
+                              work / "logs" / "signatures", tasks=tasks)
+    buckets = base.make_executor(executor, [MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"),
+                                                                config=dt_cfg)],
+                                 work / "logs" / "buckets", tasks=b, depends=sigs)
+    clusters = base.make_executor(executor, [MinhashDedupCluster(str(work / "buckets"), str(work / "remove_ids"),
+                                                                 config=dt_cfg, save_cluster_id=True)],
+                                  work / "logs" / "clusters", tasks=1, depends=buckets)
     base.make_executor(executor, [
         reader(),
         MinhashDedupFilter(str(work / "remove_ids"), load_cluster_ids=True,
                            exclusion_writer=JsonlWriter(str(out_dir / REJECTED), compression=None,
                                                         adapter=_near_dup_rejected_adapter)),
         JsonlWriter(str(out_dir / KEPT), compression=None, adapter=_near_dup_kept_adapter),
-    ], work / "logs" / "filter", tasks=tasks).run()
+    ], work / "logs" / "filter", tasks=tasks, depends=clusters).run()
     _ensure_dirs(out_dir)
 
     # duplicate_of: the kept member of each cluster (cluster ids are global across ranks)
@@ -325,6 +331,8 @@ def embedding_model_dir() -> Path:
 
 class SemanticDedupConfig(StageConfig):
     """SemDeDup: embed a text prefix, k-means, drop documents too similar to a kept one in their cluster."""
+
+    enabled: bool = Field(True, description="run embedding-based semantic dedup")
 
     threshold: float = Field(0.9, gt=0.0, le=1.0, description="cosine similarity at or above which a document "
                              "duplicates an already kept one (0.9: measured on the evals near-duplicate sets, "

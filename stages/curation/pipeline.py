@@ -24,18 +24,7 @@ from stages.curation.dedup import (
     minhash_dedup,
     semantic_dedup,
 )
-from stages.curation.filters import (
-    HeuristicConfig,
-    LanguageConfig,
-    NsfwConfig,
-    PiiConfig,
-    UrlFilterConfig,
-    build_heuristic_filter,
-    build_language_filter,
-    build_nsfw_filter,
-    build_pii_step,
-    build_url_filter,
-)
+from stages.curation.filters import HeuristicConfig, LanguageConfig, NsfwConfig, PiiConfig, UrlFilterConfig
 from stages.curation.ingest import IngestConfig
 from stages.curation.quality import QualityConfig, quality_filter
 
@@ -75,10 +64,10 @@ class StepContext:
 StepFn = Callable[[CurationConfig, Path, Path, StepContext], dict]
 
 
-def _filter(name: str, build: Callable) -> StepFn:
+def _filter(name: str) -> StepFn:
     def run(cfg: CurationConfig, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
         sub = getattr(cfg, name)
-        return run_filter_step(lambda: build(sub, ctx.cache_dir), in_dir, out_dir, cfg.executor, name)
+        return run_filter_step(lambda: sub.build(ctx.cache_dir), in_dir, out_dir, cfg.executor, name)
 
     return run
 
@@ -90,11 +79,11 @@ def _quality(cfg: CurationConfig, in_dir: Path, out_dir: Path, ctx: StepContext)
 
 
 STEPS: dict[str, StepFn] = {
-    "url": _filter("url", build_url_filter),
-    "language": _filter("language", build_language_filter),
-    "heuristics": _filter("heuristics", build_heuristic_filter),
-    "nsfw": _filter("nsfw", build_nsfw_filter),
-    "pii": _filter("pii", build_pii_step),
+    "url": _filter("url"),
+    "language": _filter("language"),
+    "heuristics": _filter("heuristics"),
+    "nsfw": _filter("nsfw"),
+    "pii": _filter("pii"),
     "exact_dedup": lambda cfg, i, o, ctx: exact_dedup(cfg.exact_dedup, i, o),
     "near_dedup": lambda cfg, i, o, ctx: minhash_dedup(cfg.near_dedup, i, o, cfg.executor),
     "semantic_dedup": lambda cfg, i, o, ctx: semantic_dedup(cfg.semantic_dedup, i, o,

@@ -56,7 +56,8 @@ def spam_emails(n: int, folder: str = "spam-2", body_only: bool = True) -> list[
     """The first ``n`` e-mails (body only, or raw with headers) of one spam-assassin folder, sorted by file name."""
     out = []
     with tarfile.open(spam_assassin_tgz()) as tf:
-        names = sorted(m.name for m in tf.getmembers() if m.name.startswith(f"package/data/{folder}/"))
+        names = sorted(m.name for m in tf.getmembers()
+                       if m.name.startswith(f"package/data/{folder}/") and m.name.endswith(".json"))
         for name in names[:n]:
             raw = json.loads(tf.extractfile(name).read())["text"]
             out.append(raw.split("\n\n", 1)[-1].strip() if body_only else raw)
