@@ -13,7 +13,7 @@ from stages.data.fetch import FetchConfig
 from stages.mix import MixConfig
 from stages.presets import PipelineConfig, tiny
 from tasks.common import manifest_exists
-from tasks.curation import curation_step_task, finalize_task, ingest_task
+from tasks.curation import curation_step_task, finalize_task, ingest_task, prepare_assets_task
 from tasks.data import fetch_dir, fetch_key, fetch_task
 from tasks.mix import mix_task
 from tasks.progress import report
@@ -56,9 +56,11 @@ def curation_flow(input: list[str], output: str | None = None, config: CurationC
         if "quality" in steps:
             classifier = quality_classifier_task(config.quality, classifier_corpus, store, str(s.cache), run_id,
                                                         retrain=config.quality.retrain)
+        assets = prepare_assets_task(config, str(s.cache))
         chain = []
         for name in steps:
-            k = step_key(config, name, ref.key, classifier["digest"] if classifier and name == "quality" else None)
+            k = step_key(config, name, ref.key, classifier["digest"] if classifier and name == "quality" else None,
+                         assets)
             ref = _cached(curation_step_task, s.store / "curation" / name / k)(
                 name, k, config, ref, store, str(s.cache), run_id,
                 classifier["path"] if classifier and name == "quality" else None)

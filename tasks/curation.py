@@ -14,7 +14,7 @@ from stages.common import atomic_dir, read_manifest, tree_sha256, write_json_ato
 from stages.curation.base import KEPT
 from stages.curation.finalize import finalize
 from stages.curation.ingest import ingest, input_digest, resolve_inputs
-from stages.curation.pipeline import CurationConfig, StepContext, run_step
+from stages.curation.pipeline import CurationConfig, StepContext, prepare_assets, run_step
 from tasks.common import StepRef, key_from_params, retry_transient, strip_examples
 from tasks.tracking import log_dataset, markdown_table, publish_markdown, run_url, stage_run
 
@@ -84,6 +84,12 @@ def curation_step_task(name: str, key: str, cfg: CurationConfig, parent: StepRef
         mlflow.log_dict(man["stats"], "stats.json")
     _publish_step(ref, rid)
     return ref.model_copy(update={"run_id": rid})
+
+
+@task(task_run_name="prepare-assets", retries=2, retry_condition_fn=retry_transient)
+def prepare_assets_task(cfg: CurationConfig, cache_dir: str) -> dict[str, str]:
+    """Fetch optional filter assets (e2guardian phrase lists) once; digests feed the step keys."""
+    return prepare_assets(cfg, Path(cache_dir))
 
 
 @task(task_run_name="finalize")

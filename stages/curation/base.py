@@ -74,7 +74,7 @@ class ExecutorConfig(StageConfig):
     kind: ExecutorKind = Field(ExecutorKind.local, description="datatrove executor: local, ray or slurm")
     tasks: int = Field(2, ge=1, description="datatrove tasks (shards) per step")
     workers: int = Field(2, ge=1, description="tasks run at once (local/ray)")
-    start_method: str = Field("fork", description="local executor start method (fork shares loaded assets)")
+    start_method: str = Field("forkserver", description="local executor start method (forkserver: safe with the threads Prefect and MLflow run)")
     slurm_partition: str = Field("cpu", description="slurm partition (kind=slurm)")
     slurm_time: str = Field("04:00:00", description="slurm time limit per task (kind=slurm)")
     slurm_venv: str | None = Field(None, description="virtualenv activated on slurm nodes")

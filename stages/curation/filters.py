@@ -157,9 +157,23 @@ class LanguageIdFilter(BaseFilter):
         path = Path(cfg.model_path) if cfg.model_path else lid176_path()
         if not path.is_file():
             raise MissingAssetError(f"language model {path} not found (LanguageConfig.model_path)")
-        self.model = _FastText(str(path))
+        self.model_path = str(path)
+        self._model = _FastText(self.model_path)
         self.keep = set(cfg.languages)
         self.skip = set(cfg.skip_sources)
+
+    @property
+    def model(self):
+        if self._model is None:  # in a worker process: reload (fastText models do not pickle)
+            from fasttext.FastText import _FastText
+
+            self._model = _FastText(self.model_path)
+        return self._model
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_model"] = None
+        return state
 
     def predict(self, text: str) -> dict[str, float]:
         labels, scores = self.model.predict(text.replace("\n", " "), k=-1)
@@ -734,6 +748,18 @@ class NsfwFilter(BaseFilter):
                 raise MissingAssetError(f"NsfwConfig.classifier_path: {cfg.classifier_path} not found")
             self.classifier = _FastText(cfg.classifier_path)
         log.info("NSFW filter: %d bad words, %d soft words, %d weighted phrases", len(bad), len(soft), len(phrases))
+
+    def __getstate__(self):  # fastText models do not pickle; workers reload the classifier from its path
+        state = dict(self.__dict__)
+        state["classifier"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.cfg.classifier_path:
+            from fasttext.FastText import _FastText
+
+            self.classifier = _FastText(self.cfg.classifier_path)
 
     def scores(self, text: str) -> dict[str, float]:
         """``{"words", "bad_hits", "density", "phrase_score"}`` for ``text``."""

@@ -38,7 +38,8 @@ def _public_record(rec: dict) -> dict:
 
 def _write_gz(records, path: Path) -> int:
     n = 0
-    with gzip.open(path, "wb", compresslevel=6) as fh:
+    # mtime=0 and no file name in the header: the same documents give byte-identical files
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as fh:
         for rec in records:
             fh.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
             n += 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from stages.common import StageConfig, config_hash
+from stages.common import StageConfig, config_hash, tree_sha256
 from stages.curation.base import ExecutorConfig, run_filter_step
 from stages.curation.dedup import (
     ExactDedupConfig,
@@ -100,10 +100,25 @@ def ingest_key(cfg: CurationConfig, input_digest: str) -> str:
     return config_hash("ingest", cfg.ingest, input_digest)
 
 
-def step_key(cfg: CurationConfig, name: str, parent_key: str, classifier_digest: str | None = None) -> str:
+def prepare_assets(cfg: CurationConfig, cache_dir: Path) -> dict[str, str]:
+    """Fetch optional assets the enabled steps use (once, cached) and return a digest per step whose
+    output depends on them, so the step's content address changes when its assets do."""
+    digests: dict[str, str] = {}
+    if cfg.nsfw.enabled and cfg.nsfw.e2guardian_dir is None:
+        from stages.curation.assets import fetch_e2guardian
+
+        lists = fetch_e2guardian(cache_dir)
+        digests["nsfw"] = tree_sha256(lists) if lists else "no-e2guardian"
+    return digests
+
+
+def step_key(cfg: CurationConfig, name: str, parent_key: str, classifier_digest: str | None = None,
+             assets: dict[str, str] | None = None) -> str:
     parts = [name, getattr(cfg, name), parent_key]
     if name == "quality":
         parts.append(classifier_digest or "")
+    if assets and name in assets:
+        parts.append(assets[name])
     return config_hash(*parts)
 
 
