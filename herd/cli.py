@@ -25,6 +25,8 @@ def _setup(start_servers: bool = True):
     apply_environment(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if start_servers:
         from herd import servers
 
@@ -152,6 +154,7 @@ def curate(input: list[Path] = typer.Option(..., "--input", help="JSONL/JSONL.gz
            preset: str = typer.Option("tiny", help=PRESET_HELP)) -> None:
     """Curate documents: filters, dedup and the quality classifier; every drop has a reason."""
     cfg = _load("curation", preset, config)
+    corpus = _load("fetch", preset, None)  # where a quality classifier is trained from, if none is registered
     _setup()
     from flows.curation import curation_flow
     from stages.curation.pipeline import enabled_steps
@@ -159,7 +162,7 @@ def curate(input: list[Path] = typer.Option(..., "--input", help="JSONL/JSONL.gz
 
     try:
         res = _with_bar(len(enabled_steps(cfg)) + 2, "curate",
-                        lambda: curation_flow([str(p) for p in input], str(output), cfg))
+                        lambda: curation_flow([str(p) for p in input], str(output), cfg, corpus))
     except HerdError as exc:
         _fail(exc)
     typer.echo(json.dumps(res, indent=2))

@@ -29,14 +29,25 @@ class PipelineConfig(StageConfig):
     mix: MixConfig = Field(default_factory=MixConfig, description="mixture shares and token budget")
 
 
+# The demo's quality classifier: reference text (encyclopedic, dictionary, documentation) against raw
+# e-mail/spam and random-word junk. Web passages (OpenWebText, C4) are not training negatives, so they
+# are scored as unseen documents when the classifier filters them.
+DEMO_QUALITY_NEGATIVES = ["spamassassin", "junk_samples"]
+
+
+def _demo_curation() -> CurationConfig:
+    base = CurationConfig()
+    return base.derive(quality=base.quality.derive(negative_sources=DEMO_QUALITY_NEGATIVES).model_dump())
+
+
 def tiny() -> PipelineConfig:
     """The demo default: a few thousand real documents, every stage on, minutes on 2 cores."""
-    return PipelineConfig(name="tiny", fetch=tiny_fetch(), curation=CurationConfig(), mix=MixConfig())
+    return PipelineConfig(name="tiny", fetch=tiny_fetch(), curation=_demo_curation(), mix=MixConfig())
 
 
 def smoke() -> PipelineConfig:
     """Seconds: a handful of documents per source; used by the tests."""
-    base = CurationConfig()
+    base = _demo_curation()
     curation = base.derive(
         ingest=base.ingest.derive(shards=2).model_dump(),
         executor=base.executor.derive(tasks=2, workers=2).model_dump(),

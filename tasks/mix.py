@@ -39,8 +39,7 @@ def mix_task(cfg: MixConfig, inputs: list[str], store: str, output: str | None, 
             shutil.copytree(out, tmp, dirs_exist_ok=True)
     table = json.loads((final / "table.json").read_text())
     with stage_run("mix", cfg, parent_run_id, tags={"herd.reused": str(cached)}) as rid:
-        rows = table["rows"] if isinstance(table, dict) and "rows" in table else table
-        for row in rows:
+        for row in table["sources"]:
             src = row["source"]
             for k in ("target_share", "realised_share", "epochs", "tokens"):
                 if isinstance(row.get(k), (int, float)):

@@ -27,11 +27,18 @@ TRAINING_FIELDS = ("positive_sources", "negative_sources", "epochs", "lr", "word
 MODEL_CODE = Path(__file__).with_name("quality_model.py")
 
 
-def _latest_version(client: mlflow.MlflowClient):
+def _latest_version(client: mlflow.MlflowClient, train_key: str | None = None, version: int | None = None):
+    """The latest registered version (trained with ``train_key`` if given), or exactly ``version``."""
     try:
+        if version is not None:
+            return client.get_model_version(REGISTERED_MODEL, str(version))
         versions = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
     except mlflow.exceptions.MlflowException:
+        if version is not None:
+            raise
         return None
+    if train_key is not None:
+        versions = [v for v in versions if (v.tags or {}).get("herd.train_key") == train_key]
     return max(versions, key=lambda v: int(v.version), default=None)
 
 
@@ -53,17 +60,19 @@ def _from_registry(version, store: Path) -> dict:
 def quality_classifier_task(cfg: QualityConfig, corpus: FetchConfig, store: str, cache_dir: str,
                             parent_run_id: str | None, retrain: bool = False) -> dict:
     client = mlflow.MlflowClient()
-    latest = None if retrain else _latest_version(client)
-    if latest is not None:
-        ref = _from_registry(latest, Path(store))
-        log.info("using registered %s version %s", REGISTERED_MODEL, latest.version)
-        return ref
+    if cfg.classifier_version is not None:
+        log.info("using registered %s version %s", REGISTERED_MODEL, cfg.classifier_version)
+        return _from_registry(_latest_version(client, version=cfg.classifier_version), Path(store))
     fetched = run_fetch(corpus, store, cache_dir, parent_run_id)
     sources = read_manifest(fetched.path)["sources"]
     pick = lambda names: [s for s in sources if s["source"] in names or s["name"] in names]  # noqa: E731
     pos, neg = pick(cfg.positive_sources), pick(cfg.negative_sources)
     train_cfg = {k: getattr(cfg, k) for k in TRAINING_FIELDS}
     key = config_hash("quality-classifier", train_cfg, sorted(s["sha256"] for s in pos), sorted(s["sha256"] for s in neg))
+    latest = None if retrain else _latest_version(client, train_key=key)
+    if latest is not None:
+        log.info("using registered %s version %s (same training config and data)", REGISTERED_MODEL, latest.version)
+        return _from_registry(latest, Path(store))
     out = Path(store) / "quality_classifier" / key
     if read_manifest(out) is None:
         with atomic_dir(out) as tmp:
@@ -85,6 +94,10 @@ def quality_classifier_task(cfg: QualityConfig, corpus: FetchConfig, store: str,
             pip_requirements=["fasttext-numpy2-wheel==0.9.2", "pandas"], registered_model_name=REGISTERED_MODEL,
         )
     version = info.registered_model_version
+    client.set_model_version_tag(REGISTERED_MODEL, str(version), "herd.train_key", key)
+    for k in ("precision", "recall", "f1", "auc"):
+        if metrics.get(k) is not None:
+            client.set_model_version_tag(REGISTERED_MODEL, str(version), f"heldout_{k}", f"{metrics[k]:.4f}")
     rows = [{"metric": k, "value": round(metrics[k], 4) if isinstance(metrics[k], float) else metrics[k]}
             for k in ("precision", "recall", "f1", "accuracy", "auc", "n_train", "n_test") if k in metrics]
     publish_markdown("quality-classifier",

@@ -279,6 +279,11 @@ class HeuristicConfig(StageConfig):
     enabled: bool = Field(True, description="run the heuristic step")
     language: str = Field("en", description="datatrove word-tokenizer language")
     code_sources: list[str] = Field(default_factory=lambda: ["code"], description="sources that get code rules")
+    prose_sources: list[str] | None = Field(
+        default_factory=lambda: ["web"],
+        description="sources that get the prose rules (Gopher/C4/FineWeb); other non-code sources pass untouched. "
+        "Llama 1 ran these web heuristics on CommonCrawl only and curated Wikipedia, books and StackExchange with "
+        "source-specific cleaning. None = every non-code source")
     gopher_repetition: GopherRepetitionRules = Field(default_factory=GopherRepetitionRules,
                                                      description="Gopher repetition rules")
     gopher_quality: GopherQualityRules = Field(default_factory=GopherQualityRules, description="Gopher quality rules")
@@ -377,6 +382,7 @@ class HeuristicFilter(BaseFilter):
 
         self.cfg = cfg
         self.code_sources = set(cfg.code_sources)
+        self.prose_sources = None if cfg.prose_sources is None else set(cfg.prose_sources)
         self._punct_del = {ord(c): None for c in PUNCTUATION_SET if len(c) == 1}
         self._stop_chars = tuple(TERMINAL_PUNCTUATION)
         self._stop_words = set(cfg.gopher_quality.stop_words)
@@ -624,6 +630,8 @@ class HeuristicFilter(BaseFilter):
         if doc.metadata.get("source") in self.code_sources:
             if cfg.code.enabled and (why := self._code(doc.text)):
                 return False, f"gopher_quality:{why}"
+            return True
+        if self.prose_sources is not None and doc.metadata.get("source") not in self.prose_sources:
             return True
         holder: list = []
         if cfg.gopher_repetition.enabled and (why := self._repetition(doc.text, holder)):

@@ -37,8 +37,11 @@ class QualityConfig(StageConfig):
     """Training and application of the fastText quality classifier."""
 
     enabled: bool = Field(True, description="run the quality classifier step")
-    retrain: bool = Field(False, description="train a new classifier even when one is registered in MLflow "
-                          "(otherwise the latest registered version is used, and one is trained only if none exists)")
+    retrain: bool = Field(False, description="train and register a new classifier even when a registered version "
+                          "was trained with the same training config and data")
+    classifier_version: int | None = Field(None, ge=1, description="use this registered version of the classifier "
+                                           "(e.g. one trained elsewhere); None = the latest version trained with this "
+                                           "training config and data, training one if there is none")
 
     positive_sources: list[str] = Field(["reference"], description="source labels / datasets used as the positive "
                                         "(reference-quality) class; the task layer resolves them to files")

@@ -324,3 +324,17 @@ def test_pii_through_run_filter_step(tmp_path):
     out = read_folder(tmp_path / "out" / "kept")
     assert all(r["metadata"]["pii"]["email"] == 1 and r["metadata"]["pii"]["phone"] == 1 for r in out)
     assert all("@" not in r["text"] for r in out)
+
+
+def test_prose_rules_apply_to_web_sources_only_by_default() -> None:
+    # a real dictionary-style entry: punctuation-dense, fails Gopher's alpha-word ratio as prose
+    entry = ("Mill (n.) [AS. myln, mylen, fr. L. molina, mola; cf. molere, to grind.] 1. A machine for grinding "
+             "or comminuting any substance, as grain, by rubbing and crushing it between two hard, rough, or "
+             "indented surfaces; as, a gristmill, a coffee mill; a bone mill. 2. A machine used for expelling "
+             "the juice, sap, etc., from vegetable tissues by pressure, or by pressure in combination with a "
+             "grinding, or cutting process; as, a cider mill; a cane mill. ") * 2
+    default = HeuristicConfig().build()
+    everywhere = HeuristicConfig(prose_sources=None).build()
+    assert reason_of(everywhere.filter(doc(entry, source="reference"))) is not None
+    assert default.filter(doc(entry, source="reference")) is True
+    assert reason_of(default.filter(doc(entry, source="web"))) == reason_of(everywhere.filter(doc(entry, source="reference")))
