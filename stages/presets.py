@@ -37,12 +37,17 @@ DEMO_QUALITY_NEGATIVES = ["spamassassin", "junk_samples"]
 
 def _demo_curation() -> CurationConfig:
     base = CurationConfig()
-    return base.derive(quality=base.quality.derive(negative_sources=DEMO_QUALITY_NEGATIVES).model_dump())
+    return base.derive(
+        quality=base.quality.derive(negative_sources=DEMO_QUALITY_NEGATIVES).model_dump(),
+        # this kind of CPU has AMX: bf16 embeddings are ~2x faster and equal fp32's to 4 decimals
+        semantic_dedup=base.semantic_dedup.derive(bf16=True, num_threads=2).model_dump(),
+    )
 
 
 def tiny() -> PipelineConfig:
     """The demo default: a few thousand real documents, every stage on, minutes on 2 cores."""
-    return PipelineConfig(name="tiny", fetch=tiny_fetch(), curation=_demo_curation(), mix=MixConfig())
+    # offline packages carry little web text; a 250k-token budget keeps the Llama 1 shares with a few web epochs
+    return PipelineConfig(name="tiny", fetch=tiny_fetch(), curation=_demo_curation(), mix=MixConfig(tokens=250_000))
 
 
 def smoke() -> PipelineConfig:
