@@ -117,14 +117,27 @@ def _stock_flow(in_dir: Path, out: Path, cache: Path, nsfw_cfg, minhash_cfg) -> 
         return JsonlWriter(str(out / "rejected" / name), compression=None)
 
     t0 = time.perf_counter()
+    from datatrove.utils.lid import FT176LID
+
+    class LocalFT176(FT176LID):  # datatrove would download lid.176; load the same local model lazily
+        @property
+        def model(self):
+            if self._model is None:
+                self._model = _FastText(str(lid176_path()))
+            return self._model
+
     lang = LanguageFilter(languages=["en"], exclusion_writer=excl("language"))
-    lang.model._model = _FastText(str(lid176_path()))  # datatrove would download it; same local file
+    lang.model = LocalFT176(["en"])
     heur = stock_heuristic_chain(HeuristicConfig())
     for f in heur:
         f.exclusion_writer = excl(type(f).__name__)
     nsfw = nsfw_cfg.build(cache)
     nsfw.exclusion_writer = excl("nsfw")
-    pipeline = [JsonlReader(str(in_dir), glob_pattern="*.jsonl"), URLFilter(exclusion_writer=excl("url")), lang,
+    class StockURLFilter(URLFilter):  # stock URLFilter asserts every document has a URL; ours lets URL-less ones pass
+        def filter(self, doc):
+            return True if not doc.metadata.get("url") else super().filter(doc)
+
+    pipeline = [JsonlReader(str(in_dir), glob_pattern="*.jsonl"), StockURLFilter(exclusion_writer=excl("url")), lang,
                 *heur, nsfw, PIIFormatter(), JsonlWriter(str(out / "filtered"), compression=None)]
     LocalPipelineExecutor(pipeline, tasks=1, workers=1, logging_dir=str(out / "logs" / "filter")).run()
     mh = MinhashConfig(num_buckets=minhash_cfg.lsh_params()[0], hashes_per_bucket=minhash_cfg.lsh_params()[1],

@@ -7,8 +7,6 @@ Public API::
     HeuristicConfig.build(cache_dir)  -> HeuristicFilter      # reasons gopher_repetition, gopher_quality, c4, fineweb
     NsfwConfig.build(cache_dir)       -> NsfwFilter           # reason nsfw
     PiiConfig.build(cache_dir)        -> PiiRedactor          # modifies text, never drops
-    FiltersConfig                                             # the five configs above, nested
-    build_filter_steps(cfg: FiltersConfig, cache_dir) -> list[tuple[str, Callable[[], PipelineStep]]]
     stock_heuristic_chain(cfg: HeuristicConfig) -> list[BaseFilter]   # datatrove's own filters, same thresholds
 
 Filters return ``True`` to keep or ``(False, "<reason>:<detail>")`` (``reason`` in
@@ -946,33 +944,3 @@ class PiiRedactor(PipelineStep):
                     self.stat_update(f"pii_{kind}", value=n)
             self.stat_update("forwarded")
             yield doc
-
-
-# =============================================================================================
-# composition
-# =============================================================================================
-
-class FiltersConfig(StageConfig):
-    """Every filter step herd's curation runs, in order: url -> language -> heuristics -> nsfw -> pii."""
-
-    url: UrlFilterConfig = Field(default_factory=UrlFilterConfig, description="UT1 URL blocklist")
-    language: LanguageConfig = Field(default_factory=LanguageConfig, description="fastText language id")
-    heuristics: HeuristicConfig = Field(default_factory=HeuristicConfig, description="Gopher/C4/FineWeb heuristics")
-    nsfw: NsfwConfig = Field(default_factory=NsfwConfig, description="NSFW word/phrase filter")
-    pii: PiiConfig = Field(default_factory=PiiConfig, description="PII redaction")
-
-
-FILTER_ORDER = ("url", "language", "heuristics", "nsfw", "pii")
-
-
-def build_filter_steps(cfg: FiltersConfig, cache_dir: str | Path | None = None
-                       ) -> list[tuple[str, Callable[[], PipelineStep]]]:
-    """``[(name, make_step), ...]`` for the enabled steps in order; pass each to ``run_filter_step``."""
-    steps: list[tuple[str, Callable[[], Any]]] = []
-    for name in FILTER_ORDER:
-        sub = getattr(cfg, name)
-        if not isinstance(sub, StageConfig):
-            raise ConfigError(f"filters.{name}: expected a config, got {type(sub).__name__}")
-        if sub.enabled:
-            steps.append((name, (lambda s=sub: s.build(cache_dir))))
-    return steps

