@@ -107,6 +107,7 @@ def finalize_task(cfg: CurationConfig, ingest_ref: StepRef, steps: list[StepRef]
         log_dataset("curated", str(out / KEPT), report["kept_sha256"], "output", rows=c["kept"])
         log_dataset("rejected", str(out / "rejected"), tree_sha256(out / "rejected"), "output", rows=c["rejected"])
         mlflow.log_artifact(str(out / "report.json"))
+        mlflow.log_figure(funnel_figure(report), "curation_funnel.png")
     rows = [{"step": s["step"], "in": s.get("in"), "kept": s.get("kept"), "rejected": s.get("rejected"),
              "docs/s": s.get("docs_per_s", "")} for s in report["steps"]]
     reasons = [{"reason": r, "dropped": n, "example": (report["examples"].get(r) or [{}])[0].get("id", "")}
@@ -116,9 +117,30 @@ def finalize_task(cfg: CurationConfig, ingest_ref: StepRef, steps: list[StepRef]
                      f"# Curation report\n\n**{c['input_lines']}** input lines: **{c['kept']}** kept, "
                      f"**{c['rejected']}** rejected, **{c['quarantined']}** quarantined.\n\n"
                      f"## Steps\n\n{markdown_table(rows)}\n\n## Drops by reason\n\n{markdown_table(reasons)}\n\n"
-                     f"## Sources\n\n{markdown_table(sources)}\n\nOutput: `{out}`\n\nMLflow run: {run_url(rid)}\n",
+                     f"## Sources\n\n{markdown_table(sources)}\n\nOutput: `{out}`\n\nMLflow run (with the funnel plot "
+                     f"`curation_funnel.png`): {run_url(rid)}\n",
                      "curation report")
     return report
+
+
+def funnel_figure(report: dict):
+    """Documents surviving each step, and drops per reason: the curation funnel as one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    a.bar([s["step"] for s in steps], [s["kept"] for s in steps], color="#4c72b0")
+    a.set_title("documents kept after each step")
+    a.tick_params(axis="x", rotation=45)
+    reasons = report["reasons"]
+    b.barh(list(reasons), list(reasons.values()), color="#dd8452")
+    b.set_title("documents dropped, by reason")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
 
 
 def copy_tree(src: Path, dst: Path) -> None:

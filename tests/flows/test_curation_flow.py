@@ -84,6 +84,8 @@ def test_mlflow_has_a_nested_run_per_stage_with_lineage(first_run) -> None:
     report_run = children["curate/report"]
     digests = {i.dataset.name: i.dataset.digest for i in report_run.inputs.dataset_inputs}
     assert "curated" in digests and "ingest" in digests
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(report_run.info.run_id)}
+    assert {"report.json", "curation_funnel.png"} <= artifacts
     ingest_inputs = {i.dataset.name for i in children["curate/ingest"].inputs.dataset_inputs}
     assert "broken.jsonl" in ingest_inputs
 
