@@ -104,9 +104,16 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, dict]:
     (settings.mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
     started: list[tuple[Server, subprocess.Popen]] = []
     for srv in servers(settings):
-        if healthy(srv.health_url):
-            continue
         pidf = _pid_file(settings, srv.name)
+        if healthy(srv.health_url):
+            if not (pidf.exists() and _alive(int(pidf.read_text()))):
+                raise HerdError(
+                    f"{srv.health_url} already answers, but herd did not start that {srv.name} server for "
+                    f"HERD_HOME={settings.home} (no live pid in {pidf}); its state would land elsewhere. Stop it "
+                    f"(`herd down` with its HERD_HOME), use it explicitly via "
+                    f"{'PREFECT_API_URL' if srv.name == 'prefect' else 'MLFLOW_TRACKING_URI'}, or move herd's "
+                    f"server with {'HERD_PREFECT_PORT' if srv.name == 'prefect' else 'HERD_MLFLOW_PORT'}")
+            continue
         if pidf.exists():
             pid = int(pidf.read_text())
             if _alive(pid):  # starting up from an earlier call: wait for it below
@@ -161,6 +168,4 @@ def down(settings: Settings, timeout: float = 20.0) -> list[str]:
 
 
 def ensure_up(settings: Settings) -> None:
-    if all(healthy(s.health_url) for s in servers(settings)):
-        return
     up(settings)

@@ -86,3 +86,12 @@ def test_up_curate_down(env, tmp_path: Path) -> None:
     assert res.returncode == 0 and "prefect" in res.stdout and "mlflow" in res.stdout
     status = json.loads(_run(env, "status").stdout)
     assert not status["servers"]["prefect"]["healthy"] and not status["servers"]["mlflow"]["healthy"]
+
+
+def test_refuses_servers_that_belong_to_another_home(env, tmp_path: Path) -> None:
+    other = dict(env, HERD_HOME=str(tmp_path / "other-home"))
+    res = _run(env, "up", timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = _run(other, "up", timeout=60)  # same ports, different home: must not log into the first home's stores
+    assert res.returncode == 2 and "did not start" in res.stderr and "HERD_PREFECT_PORT" in res.stderr
+    assert _run(env, "down").returncode == 0
