@@ -135,3 +135,16 @@ def test_rerun_reuses_every_stage_and_one_change_recomputes_only_downstream(firs
     for step in STEP_ORDER[i:]:
         if step in enabled_steps(changed):
             assert len(final[step]) == len(after[step]) + 1, f"{step} should have been recomputed"
+
+
+def test_mix_flow_hits_target_shares_and_records_lineage(first_run, tmp_path: Path) -> None:
+    from flows.curation import mix_flow
+
+    cfg = first_run["cfg"].mix.derive(tokens=1_000_000, missing_sources="renormalise")  # smoke has no Q&A source
+    res = mix_flow([str(first_run["out"])], str(tmp_path / "mixed"), cfg)
+    table = json.loads((tmp_path / "mixed" / "table.json").read_text())
+    assert table["sources"] and all(abs(r["realised_share"] - r["target_share"]) <= 0.005 for r in table["sources"])
+    assert _lines(tmp_path / "mixed" / "data")
+    run = [r for r in mlflow.search_runs(experiment_names=["herd"], output_format="list") if r.info.run_name == "mix"][0]
+    ctx = {t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
+    assert ctx == {"input", "output"} and res["output"] == str(tmp_path / "mixed")
