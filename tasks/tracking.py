@@ -155,6 +155,12 @@ class MlflowSink:
             client.log_batch(self.run_id, metrics=batch)
         self._buf = []
 
+    def __enter__(self) -> MlflowSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
 
 def publish_markdown(key: str, markdown: str, description: str | None = None) -> None:
     """A Prefect markdown artifact for the current task/flow run (no-op outside Prefect)."""

@@ -1,0 +1,251 @@
+"""The Llama architecture as herd builds it: config presets, model factory, parameter/FLOP counting.
+
+The model is Hugging Face ``LlamaForCausalLM`` (pre-norm RMSNorm, SwiGLU, RoPE, GQA) built from a
+``ModelConfig``, so anything herd trains loads in any Llama tool. Parallelism, compile and dtype are
+applied by the trainer, never here.
+
+Also: packed-sequence document masking (Llama 3): ``packed_inputs`` turns per-token document ids into
+a block-diagonal causal 4D mask and position ids that restart at every document start.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from stages.common import StageConfig
+from stages.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ModelConfig(StageConfig):
+    """Shape of a Llama decoder. Defaults are the ``debug`` flavour (runs in seconds on a CPU)."""
+
+    flavour: str = Field("debug", description="Name of the preset this config came from (informational).")
+    dim: int = Field(64, ge=8, description="Hidden size (d_model).")
+    n_layers: int = Field(2, ge=1, description="Number of transformer blocks.")
+    n_heads: int = Field(4, ge=1, description="Number of query heads; dim must be divisible by it.")
+    n_kv_heads: int = Field(2, ge=1, description="Number of key/value heads (grouped-query attention).")
+    ffn_hidden: int | None = Field(
+        None, description="SwiGLU hidden size; None derives it Llama-style from dim, multiple_of, ffn_dim_multiplier."
+    )
+    multiple_of: int = Field(32, ge=1, description="Round the derived SwiGLU hidden size up to a multiple of this.")
+    ffn_dim_multiplier: float | None = Field(None, description="Optional multiplier on the 8/3*dim SwiGLU width.")
+    rope_theta: float = Field(500000.0, gt=0, description="RoPE base frequency (Llama 3: 500000).")
+    max_seq_len: int = Field(256, ge=1, description="Maximum sequence length (RoPE table size).")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    tie_embeddings: bool = Field(False, description="Share the input embedding and the output projection.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
+    attn_implementation: str = Field("sdpa", description="Attention kernel: 'sdpa' or 'eager'.")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attn(cls, v: str) -> str:
+        if v not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden size (Llama's rule: 2/3 of 4*dim, times the multiplier, rounded up)."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @classmethod
+    def from_flavour(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A preset shape (see ``FLAVOURS``) with ``overrides`` applied and validated."""
+        if name not in FLAVOURS:
+            raise ConfigError(f"flavour: unknown model flavour {name!r}; choose one of {sorted(FLAVOURS)}")
+        data = {**FLAVOURS[name], "flavour": name, **overrides}
+        return cls.model_validate(data)
+
+    @classmethod
+    def for_params(cls, n: float, *, vocab_size: int = 32000, head_dim: int = 64, **overrides: Any) -> ModelConfig:
+        """The shape with about ``n`` non-embedding parameters (scaling sweeps).
+
+        Keeps the aspect ratio dim ~= 64 * n_layers (as in Chinchilla-style sweeps), head_dim fixed, and
+        GQA with n_kv_heads = n_heads / 4 where it divides.
+        """
+        best: tuple[float, ModelConfig] | None = None
+        for n_layers in range(1, 97):
+            for dim in {max(head_dim, head_dim * round(64 * n_layers / head_dim)), head_dim * max(1, n_layers)}:
+                n_heads = dim // head_dim
+                n_kv = n_heads // 4 if n_heads % 4 == 0 else n_heads
+                cfg = cls.model_validate(
+                    {"flavour": f"p{int(n)}", "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
+                     "n_kv_heads": n_kv, "multiple_of": 64, **overrides}
+                )
+                err = abs(math.log(num_params(cfg, vocab_size) / n))
+                if best is None or err < best[0]:
+                    best = (err, cfg)
+        assert best is not None
+        return best[1]
+
+
+FLAVOURS: dict[str, dict[str, Any]] = {
+    # seconds on CPU; unit tests
+    "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=256),
+    # ~1.6M non-embedding parameters
+    "tiny": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, multiple_of=64, max_seq_len=512),
+    # ~7.6M non-embedding parameters
+    "small": dict(dim=320, n_layers=6, n_heads=5, n_kv_heads=5, multiple_of=64, max_seq_len=1024),
+    # Llama-2-7B-shaped (with Llama 3's 8 KV heads)
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=256, max_seq_len=4096),
+    # Llama-3-8B-shaped
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3,
+               max_seq_len=8192),
+}
+
+
+def to_hf_config(cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        use_cache=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int = 0):
+    """A freshly initialised ``LlamaForCausalLM`` (fp32, CPU), deterministic in ``seed``."""
+    from transformers import LlamaForCausalLM
+
+    hf_cfg = to_hf_config(cfg, vocab_size)
+    hf_cfg._attn_implementation = cfg.attn_implementation
+    devices = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(hf_cfg)
+    model.config.use_cache = False
+    return model
+
+
+def num_params(cfg: ModelConfig, vocab_size: int, non_embedding: bool = True) -> int:
+    """Parameter count, analytically. ``non_embedding`` drops the token embedding and the output head."""
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    attn = cfg.dim * cfg.dim * 2 + cfg.dim * kv_dim * 2
+    ffn = 3 * cfg.dim * cfg.hidden_dim
+    block = attn + ffn + 2 * cfg.dim  # two RMSNorm weights
+    body = cfg.n_layers * block + cfg.dim  # final norm
+    if non_embedding:
+        return body
+    emb = vocab_size * cfg.dim
+    return body + emb + (0 if cfg.tie_embeddings else emb)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, vocab_size: int) -> float:
+    """Training FLOPs per token: 6N + 12 * n_layers * dim * seq_len (Chinchilla / PaLM appendix B).
+
+    N counts every weight that takes part in a matmul: the non-embedding parameters plus the output
+    projection (dim * vocab; it is a matmul even when tied). The input embedding is a gather (no FLOPs).
+    The attention term counts the full (unmasked) score and value matmuls, as PaLM does.
+    """
+    n = num_params(cfg, vocab_size, non_embedding=True) + cfg.dim * vocab_size
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token_: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak (0 if peak unknown)."""
+    if peak_flops <= 0:
+        return 0.0
+    return tokens_per_s * flops_per_token_ / peak_flops
+
+
+# Dense bf16 peak of common accelerators (FLOP/s, no sparsity).
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+@functools.lru_cache(maxsize=8)
+def measure_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, n: int = 1024,
+                       seconds: float = 0.5) -> float:
+    """Peak matmul FLOP/s of ``device``: the table for known GPUs, else a square-matmul microbenchmark.
+
+    On CPU the microbenchmark is the best achievable dense matmul rate (AMX for bf16), i.e. an honest
+    upper bound for MFU on this machine rather than a datasheet number.
+    """
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def packed_inputs(doc_ids: torch.Tensor, *, attn_implementation: str = "sdpa",
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document-masking inputs for a packed batch (Llama 3).
+
+    Args:
+        doc_ids: (B, T) int, the document each token belongs to (equal ids = same document;
+            documents are contiguous).
+
+    Returns:
+        mask: (B, 1, T, T) block-diagonal causal mask, so attention never crosses a document
+            boundary. Bool (True = attend) for sdpa; additive float (0 / dtype min) for eager.
+            transformers 5.x passes any 4D mask through ``create_causal_mask`` unchanged.
+        position_ids: (B, T) long, restarting at 0 at every document start.
+    """
+    b, t = doc_ids.shape
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    mask = (same & causal)[:, None]
+    idx = torch.arange(t, device=doc_ids.device).expand(b, t)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_pos = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    position_ids = idx - start_pos
+    if attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, dtype=dtype, device=doc_ids.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask, position_ids

@@ -1,0 +1,530 @@
+"""Llama pretraining: packed documents with document masking, AdamW + warmup/cosine, exact resume, DDP.
+
+``pretrain(cfg, model_cfg, data_dir, heldout_dir, out_dir)`` trains a ``LlamaForCausalLM`` on a
+tokenised split (``tokens.bin`` + ``doc_offsets.npy`` + ``doc_sources.npy``) and writes
+``out_dir/model`` (``save_pretrained``), ``metrics.json`` and ``manifest.json`` (last). Checkpoints
+go to ``out_dir/checkpoints/step_N`` (atomic); a rerun resumes from the newest one and reproduces the
+uninterrupted loss curve exactly (same device, fp32).
+
+Distributed: the caller (``tasks/torchrun_pretrain.py``) initialises ``torch.distributed``; here each
+rank takes its contiguous slice of every global batch and gradients are averaged by DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import re
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, model_validator
+
+from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, config_hash, read_manifest, write_json_atomic
+from stages.errors import ConfigError, DataValidationError, DivergenceError
+from stages.model import ModelConfig, build_model, flops_per_token, measure_peak_flops, mfu, packed_inputs
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class PretrainConfig(StageConfig):
+    """Optimisation and loop settings (Llama 2/3 recipe defaults)."""
+
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (after warmup).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to this fraction of the peak lr.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps from 0 to the peak lr.")
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(1e-5, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only, not norms).")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 disables).")
+    seq_len: int = Field(128, ge=2, description="Tokens per packed sequence.")
+    batch_tokens: int = Field(1024, ge=1, description="Global batch size in tokens (all ranks, all micro-batches).")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward on one rank.")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps; None derives it from max_tokens.")
+    max_tokens: int = Field(100_000, ge=1, description="Training tokens when steps is None (steps = max_tokens // batch_tokens).")
+    bf16: bool = Field(False, description="bf16 autocast for forward/backward (weights and optimizer stay fp32).")
+    compile: bool = Field(False, description="torch.compile the model.")
+    log_every: int = Field(10, ge=1, description="Log metrics to the sink every N steps.")
+    eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0: only at the end).")
+    eval_tokens: int = Field(65_536, ge=1, description="Held-out tokens scored per evaluation (from the split's start).")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only when stopped early).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    seed: int = Field(0, description="Seeds model init, data order and all RNGs.")
+    shuffle: bool = Field(True, description="Shuffle the order of packed windows (per epoch, seeded).")
+    num_threads: int = Field(0, ge=0, description="torch intra-op threads (0: leave torch's default).")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.")
+    peak_flops: float = Field(0.0, ge=0, description="Hardware peak FLOP/s for MFU; 0 measures it (GPU table or matmul benchmark).")
+
+    @model_validator(mode="after")
+    def _batch(self) -> PretrainConfig:
+        if self.batch_tokens % self.seq_len:
+            raise ValueError(f"batch_tokens={self.batch_tokens} must be a multiple of seq_len={self.seq_len}")
+        if self.sequences_per_batch % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size={self.micro_batch_size} must divide the global batch of "
+                f"{self.sequences_per_batch} sequences (batch_tokens / seq_len)"
+            )
+        if self.steps is None and self.max_tokens < self.batch_tokens:
+            raise ValueError(f"max_tokens={self.max_tokens} is below one batch (batch_tokens={self.batch_tokens})")
+        return self
+
+    @property
+    def sequences_per_batch(self) -> int:
+        return self.batch_tokens // self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else self.max_tokens // self.batch_tokens
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        per_rank, rem = divmod(self.sequences_per_batch, world_size * self.micro_batch_size)
+        if rem or per_rank == 0:
+            raise ConfigError(
+                f"micro_batch_size={self.micro_batch_size} x world_size={world_size} must divide the global batch "
+                f"of {self.sequences_per_batch} sequences (batch_tokens={self.batch_tokens} / seq_len={self.seq_len})"
+            )
+        return per_rank
+
+
+class PretrainResult(BaseModel):
+    completed: bool
+    steps: int
+    tokens: int
+    final_loss: float
+    heldout_loss: float | None
+    heldout_loss_by_source: dict[str, float]
+    tokens_per_s: float
+    mfu: float
+    flops_per_token: float
+    peak_mem_mb: float
+    num_params: int
+    vocab_size: int
+    model_dir: str | None
+    metrics_path: str | None
+    checkpoint_dir: str | None
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class TokenSplit:
+    """Reader of a tokenised split: ``tokens.bin`` (uint16/uint32), ``doc_offsets.npy``, ``doc_sources.npy``."""
+
+    def __init__(self, split_dir: str | Path):
+        self.dir = Path(split_dir)
+        manifest = read_manifest(self.dir) or {}
+        shard = self.dir / "shard.json"  # stages/tokenizer.py: dtype per split, vocab in the parent manifest
+        if shard.is_file():
+            manifest = {**json.loads(shard.read_text()), **manifest}
+        if "vocab_size" not in manifest and (read_manifest(self.dir.parent) or {}).get("vocab_size"):
+            manifest["vocab_size"] = read_manifest(self.dir.parent)["vocab_size"]
+        offsets_path = self.dir / "doc_offsets.npy"
+        if not offsets_path.is_file():
+            raise DataValidationError("missing; point data_dir at a tokenised split folder", file=str(offsets_path))
+        self.offsets = np.load(offsets_path).astype(np.int64)
+        dtype = manifest.get("dtype")
+        if dtype is None:
+            vocab = manifest.get("vocab_size")
+            dtype = "uint32" if vocab is not None and vocab > 65536 else "uint16"
+        self.tokens = np.memmap(self.dir / "tokens.bin", dtype=np.dtype(dtype), mode="r")
+        if len(self.tokens) != self.offsets[-1]:
+            raise DataValidationError(
+                f"tokens.bin holds {len(self.tokens)} {dtype} tokens but doc_offsets ends at {self.offsets[-1]}",
+                file=str(self.dir / "tokens.bin"), field="dtype",
+            )
+        src_path = self.dir / "doc_sources.npy"
+        sources = np.load(src_path, allow_pickle=True) if src_path.is_file() else np.zeros(len(self.offsets) - 1)
+        names_path = self.dir / "sources.json"  # doc_sources may index a list of source names
+        if names_path.is_file() and np.issubdtype(np.asarray(sources).dtype, np.integer):
+            names = json.loads(names_path.read_text())
+            sources = [names[int(i)] for i in sources]
+        self.sources = np.asarray([str(s) for s in sources])
+        self.vocab_size = manifest.get("vocab_size")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def max_token(self) -> int:
+        return int(self.tokens.max()) if len(self.tokens) else 0
+
+    def n_windows(self, seq_len: int) -> int:
+        return max(0, (len(self.tokens) - 1) // seq_len)
+
+    def windows(self, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Packed windows of ``seq_len + 1`` tokens starting at ``starts``.
+
+        Returns (input_ids (B,T) int64, labels (B,T) int64 with IGNORE_INDEX where the target belongs to
+        another document than its input, doc_index (B,T+1) int64 per token).
+        """
+        pos = starts[:, None] + np.arange(seq_len + 1)[None, :]
+        toks = np.asarray(self.tokens[pos.ravel()], dtype=np.int64).reshape(pos.shape)
+        docs = np.searchsorted(self.offsets, pos, side="right") - 1
+        labels = toks[:, 1:].copy()
+        labels[docs[:, 1:] != docs[:, :-1]] = IGNORE_INDEX
+        return toks[:, :-1], labels, docs
+
+
+class DataOrder:
+    """Deterministic global order of packed windows: global sequence g -> window start offset."""
+
+    def __init__(self, n_windows: int, seq_len: int, seed: int, shuffle: bool):
+        if n_windows <= 0:
+            raise DataValidationError(f"split too short for one sequence of seq_len={seq_len}", field="seq_len")
+        self.n, self.seq_len, self.seed, self.shuffle = n_windows, seq_len, seed, shuffle
+        self._perm: dict[int, np.ndarray] = {}
+
+    def starts(self, g0: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for i, g in enumerate(range(g0, g0 + count)):
+            epoch, j = divmod(g, self.n)
+            if self.shuffle:
+                if epoch not in self._perm:
+                    self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+                j = int(self._perm[epoch][j])
+            out[i] = j * self.seq_len
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy.
+
+    Args:
+        logits: (B, T, V) scores for the token after each position.
+        labels: (B, T) int64 target ids, ``IGNORE_INDEX`` (-100) where not scored.
+
+    Returns:
+        (loss_sum, n_tokens): scalar fp32 sum of CE over scored tokens, scalar int64 count of them.
+    """
+    v = logits.shape[-1]
+    loss_sum = F.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token CE: logits (B, T, V), labels (B, T) -> (B, T) fp32, 0 where labels == IGNORE_INDEX."""
+    v = logits.shape[-1]
+    return F.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="none").reshape(labels.shape)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = re.fullmatch(r"step_(\d+)", p.name)
+        if m and (p / "state.pt").is_file() and (p / "model.safetensors").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int) -> Path:
+    from safetensors.torch import save_model
+
+    target = out_dir / "checkpoints" / f"step_{step}"
+    with atomic_dir(target) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra},
+            tmp / "state.pt",
+        )
+    for _, old in _checkpoints(out_dir)[:-keep]:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint step %d -> %s", step, target)
+    return target
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model, split: TokenSplit, cfg: PretrainConfig, attn_impl: str, device: torch.device) -> tuple[float, dict[str, float]]:
+    """Held-out loss over the first ``cfg.eval_tokens`` tokens, overall and per source (document masking on)."""
+    n = min(split.n_windows(cfg.seq_len), max(1, cfg.eval_tokens // cfg.seq_len))
+    if n == 0:
+        return float("nan"), {}
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    starts_all = np.arange(n, dtype=np.int64) * cfg.seq_len
+    for i in range(0, n, cfg.micro_batch_size):
+        ids, labels, docs = split.windows(starts_all[i : i + cfg.micro_batch_size], cfg.seq_len)
+        ids_t = torch.from_numpy(ids).to(device)
+        labels_t = torch.from_numpy(labels).to(device)
+        mask, pos = packed_inputs(torch.from_numpy(docs[:, :-1]).to(device), attn_implementation=attn_impl)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = model(input_ids=ids_t, attention_mask=mask, position_ids=pos).logits
+        tl = token_losses(logits, labels_t).cpu().numpy()
+        src = split.sources[docs[:, 1:]]
+        valid = labels != IGNORE_INDEX
+        for s in np.unique(src[valid]):
+            sel = valid & (src == s)
+            sums[s] = sums.get(s, 0.0) + float(tl[sel].sum())
+            counts[s] = counts.get(s, 0) + int(sel.sum())
+    model.train(was_training)
+    total = sum(counts.values())
+    overall = sum(sums.values()) / total if total else float("nan")
+    return overall, {s: sums[s] / counts[s] for s in sorted(sums)}
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    model_cfg: ModelConfig,
+    data_dir: str | Path,
+    heldout_dir: str | Path | None,
+    out_dir: str | Path,
+    *,
+    sink: MetricsSink = NULL_SINK,
+    rank: int = 0,
+    world_size: int = 1,
+    resume: bool = True,
+    stop_after_steps: int | None = None,
+) -> PretrainResult:
+    """Train a Llama on ``data_dir`` and write ``out_dir/{model,metrics.json,manifest.json}``.
+
+    ``stop_after_steps`` stops (with a checkpoint) after that many optimizer steps in total; a later call
+    with ``resume=True`` continues from the newest checkpoint. A complete ``manifest.json`` short-circuits.
+    """
+    out_dir = Path(out_dir)
+    done = read_manifest(out_dir)
+    if resume and done is not None and "result" in done:
+        log.info("pretrain: %s already complete", out_dir)
+        return PretrainResult.model_validate(done["result"])
+    dist = _dist()
+    if dist is not None:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    accum = cfg.grad_accum_steps(world_size)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len={model_cfg.max_seq_len}")
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{rank % torch.cuda.device_count()}")
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    train = TokenSplit(data_dir)
+    heldout = TokenSplit(heldout_dir) if heldout_dir is not None else None
+    vocab = train.vocab_size or max(train.max_token(), heldout.max_token() if heldout else 0) + 1
+    order = DataOrder(train.n_windows(cfg.seq_len), cfg.seq_len, cfg.seed, cfg.shuffle)
+    total_steps = cfg.total_steps
+    n_seq = cfg.sequences_per_batch
+    per_rank = n_seq // world_size
+
+    raw_model = build_model(model_cfg, vocab, seed=cfg.seed).to(device)
+    raw_model.train()
+    optimizer = torch.optim.AdamW(
+        _param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        fused=device.type == "cuda" or None,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+    model_key = config_hash(model_cfg, vocab)
+    step, data_pos, history = 0, 0, []
+    ckpts = _checkpoints(out_dir) if resume else []
+    if ckpts:
+        from safetensors.torch import load_model
+
+        ck_step, ck_dir = ckpts[-1]
+        state = torch.load(ck_dir / "state.pt", map_location="cpu", weights_only=False)
+        if state.get("model_key") != model_key:
+            raise ConfigError(f"checkpoint {ck_dir} was written for another model/vocab; use a fresh out_dir or resume=False")
+        load_model(raw_model, str(ck_dir / "model.safetensors"), device=str(device))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, data_pos, history = state["step"], state["data_position"], list(state["loss_history"])
+        log.info("resumed from %s (step %d, data position %d)", ck_dir, step, data_pos)
+
+    model = raw_model
+    if dist is not None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(model) if cfg.compile else model
+
+    fpt = flops_per_token(model_cfg, cfg.seq_len, vocab)
+    peak = cfg.peak_flops or measure_peak_flops(device.type, torch.bfloat16 if cfg.bf16 else torch.float32)
+    attn_impl = model_cfg.attn_implementation
+    target_steps = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+    t_window, tok_window = time.perf_counter(), 0
+    t_steady, tok_steady, steady_from = None, 0, step + 1
+    last_loss = history[-1] if history else float("nan")
+    n_params = sum(p.numel() for p in raw_model.parameters())
+
+    def save(at_step: int) -> Path | None:
+        if rank != 0:
+            return None
+        return _save_checkpoint(
+            out_dir, at_step, raw_model, optimizer, scheduler,
+            {"step": at_step, "data_position": data_pos, "loss_history": history, "model_key": model_key},
+            cfg.keep_checkpoints,
+        )
+
+    while step < target_steps:
+        g0 = data_pos
+        ids, labels, docs = train.windows(order.starts(g0, n_seq), cfg.seq_len)
+        n_valid = int((labels != IGNORE_INDEX).sum())  # global count: identical on every rank
+        lo = rank * per_rank
+        loss_sum_local = torch.zeros((), device=device)
+        for k in range(accum):
+            sl = slice(lo + k * cfg.micro_batch_size, lo + (k + 1) * cfg.micro_batch_size)
+            ids_t = torch.from_numpy(ids[sl]).to(device)
+            labels_t = torch.from_numpy(labels[sl]).to(device)
+            mask, pos = packed_inputs(torch.from_numpy(docs[sl, :-1]).to(device), attn_implementation=attn_impl)
+            sync = contextlib.nullcontext() if dist is None or k == accum - 1 else model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    logits = fwd(input_ids=ids_t, attention_mask=mask, position_ids=pos).logits
+                loss_sum, _ = causal_lm_loss(logits, labels_t)
+                # DDP averages gradients over ranks; scale so the result is the global token mean.
+                (loss_sum * (world_size / max(1, n_valid))).backward()
+            loss_sum_local += loss_sum.detach()
+        if dist is not None:
+            dist.all_reduce(loss_sum_local)
+        loss = loss_sum_local.item() / max(1, n_valid)
+        if not math.isfinite(loss):
+            raise DivergenceError(
+                f"loss is {loss} at step {step + 1}; lower PretrainConfig.lr (now {cfg.lr}) or raise warmup_steps"
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf")).item()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        data_pos += n_seq
+        history.append(loss)
+        last_loss = loss
+        tok_window += cfg.batch_tokens
+        if step == steady_from:
+            t_steady = time.perf_counter()  # excludes the first step (compile, warm caches)
+        elif t_steady is not None:
+            tok_steady += cfg.batch_tokens
+
+        if rank == 0 and (step % cfg.log_every == 0 or step == target_steps):
+            now = time.perf_counter()
+            tps = tok_window / max(now - t_window, 1e-9)
+            metrics = {
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "mfu": mfu(tps, fpt, peak),
+                "peak_mem_mb": _peak_mem_mb(device), "tokens": float(step * cfg.batch_tokens),
+            }
+            sink.log_metrics(metrics, step)
+            log.info("step %d loss %.4f lr %.2e gnorm %.3f tok/s %.0f", step, loss, lr, grad_norm, tps)
+            t_window, tok_window = now, 0
+        if heldout is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0:
+            h, _ = evaluate(raw_model, heldout, cfg, attn_impl, device)
+            sink.log_metrics({"heldout_loss": h}, step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < target_steps:
+            save(step)
+
+    if t_steady is not None and tok_steady:
+        tokens_per_s = tok_steady / max(time.perf_counter() - t_steady, 1e-9)
+    else:
+        tokens_per_s = 0.0
+    common = dict(
+        steps=step, tokens=step * cfg.batch_tokens, final_loss=last_loss, tokens_per_s=tokens_per_s,
+        mfu=mfu(tokens_per_s, fpt, peak), flops_per_token=fpt, peak_mem_mb=_peak_mem_mb(device),
+        num_params=n_params, vocab_size=vocab,
+    )
+    if step < total_steps:  # stopped early: checkpoint so a later call resumes exactly here
+        ck = save(step)
+        if dist is not None:
+            dist.barrier()
+        return PretrainResult(completed=False, heldout_loss=None, heldout_loss_by_source={}, model_dir=None,
+                              metrics_path=None, checkpoint_dir=str(ck) if ck else None, **common)
+
+    h_loss, h_by_src = (None, {})
+    if heldout is not None and rank == 0:
+        h_loss, h_by_src = evaluate(raw_model, heldout, cfg, attn_impl, device)
+        sink.log_metrics({"heldout_loss": h_loss, **{f"heldout_loss/{s}": v for s, v in h_by_src.items()}}, step)
+    result = PretrainResult(
+        completed=True, heldout_loss=h_loss, heldout_loss_by_source=h_by_src,
+        model_dir=str(out_dir / "model"), metrics_path=str(out_dir / "metrics.json"), checkpoint_dir=None, **common,
+    )
+    if rank == 0:
+        with atomic_dir(out_dir / "model") as tmp:
+            raw_model.save_pretrained(tmp, safe_serialization=True)
+        write_json_atomic(out_dir / "metrics.json", {"loss_history": history, **result.model_dump(mode="json")})
+        write_json_atomic(
+            out_dir / "manifest.json",
+            {"stage": "pretrain", "config": cfg.model_dump(mode="json"), "model_config": model_cfg.model_dump(mode="json"),
+             "world_size": world_size, "result": result.model_dump(mode="json")},
+        )
+    if dist is not None:
+        dist.barrier()
+    return result
+
+
+def load_loss_history(out_dir: str | Path) -> list[float]:
+    """The per-step training loss of a finished run (from ``metrics.json``)."""
+    return json.loads((Path(out_dir) / "metrics.json").read_text())["loss_history"]

@@ -1,0 +1,62 @@
+"""Prefect tasks for scaling laws: one IsoFLOP sweep run, and the fits that pick N and D."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+from prefect import task
+
+from stages.common import config_hash, file_sha256
+from stages.scaling import FitConfig, fit_scaling
+from tasks.tracking import log_dataset, markdown_table, publish_markdown, run_url, stage_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@task(task_run_name="sweep-C{run[C]:.1e}-N{run[N]}")
+def sweep_run_task(run: dict, train: dict, data: dict, store: str, parent_run_id: str | None) -> dict:
+    """Train one (N, D) model of the sweep in its own process (one core each), return its held-out loss."""
+    key = config_hash("sweep-run", run, train, data["train"])
+    out = Path(store) / "sweep" / key
+    result_file = out / "result.json"
+    if not result_file.exists():
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        spec = {"run": run, "train": train, "data": data, "out": str(out)}
+        proc = subprocess.run([sys.executable, "-m", "tasks.sweep_worker", json.dumps(spec)], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sweep run C={run['C']:.2e} N={run['N']} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(result_file.read_text())
+    with stage_run(f"sweep/C={run['C']:.1e}/N={run['N']}", None, parent_run_id) as rid:
+        mlflow.log_params({"C": run["C"], "N": run["N"], "D": run["D"], **res.get("shape", {})})
+        mlflow.log_metrics({"loss": res["loss"], "tokens": float(res["tokens"]), "seconds": float(res["seconds"])})
+        log_dataset("tokens-train", data["train"], data.get("digest", ""), "input")
+    return {"N": run["N"], "D": res["tokens"], "C": run["C"], "loss": res["loss"]}
+
+
+@task(task_run_name="scaling-fit")
+def fit_task(cfg: FitConfig, runs_csv: str, output: str, target_budget: float, parent_run_id: str | None) -> dict:
+    with stage_run("scaling/fit", cfg, parent_run_id) as rid:
+        fit = fit_scaling(cfg, Path(runs_csv), Path(output), target_budget)
+        par, iso = fit["parametric"], fit["isoflop"]
+        mlflow.log_metrics({f"parametric_{k}": float(v) for k, v in par.items() if isinstance(v, (int, float))}
+                           | {f"isoflop_{k}": float(iso[k]) for k in ("a", "b") if iso.get(k) is not None}
+                           | {f"recommended_{k}": float(v) for k, v in fit["recommendation"].items()})
+        log_dataset("sweep-runs", runs_csv, file_sha256(runs_csv), "input")
+        mlflow.log_artifact(str(Path(output) / "fit.json"))
+        mlflow.log_artifact(str(Path(output) / "isoflop.png"))
+    rec = fit["recommendation"]
+    ci = fit.get("ci", {}).get("parametric", {})
+    rows = [{"quantity": k, "value": (f"{par[k]:.4g}" if par.get(k) is not None else "-"),
+             "95% CI": (f"[{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci and ci[k] else "")}
+            for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
+    publish_markdown("scaling-fit", f"# Scaling-law fit\n\n{markdown_table(rows)}\n\nIsoFLOP a={iso.get('a')}, "
+                     f"b={iso.get('b')}\n\n**Recommendation** for C={rec['C']:.3g} FLOPs: N={rec['N']:.3g} "
+                     f"parameters, D={rec['D']:.3g} tokens.\n\nFigure `isoflop.png` in MLflow run: {run_url(rid)}\n",
+                     "scaling-law fit and recommendation")
+    return fit
