@@ -11,7 +11,7 @@ from stages.curation.ingest import input_digest, resolve_inputs
 from stages.curation.pipeline import CurationConfig, enabled_steps, ingest_key, step_key
 from stages.data.fetch import FetchConfig
 from stages.mix import MixConfig
-from stages.presets import PipelineConfig, tiny
+from stages.presets import tiny
 from tasks.common import manifest_exists
 from tasks.curation import curation_step_task, finalize_task, ingest_task, prepare_assets_task
 from tasks.data import fetch_dir, fetch_key, fetch_task
@@ -81,16 +81,3 @@ def mix_flow(inputs: list[str], output: str | None = None, config: MixConfig = t
         result = mix_task(config, inputs, str(s.store), output, run_id)
         report("mix", result)
     return result
-
-
-@flow(name="herd-pipeline")
-def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
-    """The end-to-end pipeline: fetch -> curate -> mix (later stages extend this flow)."""
-    s = load_settings()
-    with parent_run("herd-pipeline", config) as run_id:
-        fetched = data_fetch_flow(config.fetch, parent_run_id=run_id)
-        curated = curation_flow([fetched["path"]], str(s.home / "curated" / config.name), config.curation, config.fetch,
-                                parent_run_id=run_id)
-        mixed = mix_flow([curated["output"] + "/kept"], str(s.home / "mixed" / config.name), config.mix,
-                         parent_run_id=run_id)
-    return {"fetch": {"path": fetched["path"], "docs": fetched["docs"]}, "curation": curated, "mix": mixed}

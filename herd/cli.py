@@ -16,6 +16,10 @@ app = typer.Typer(help="herd: the Llama recipe as one orchestrated, reproducible
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Demo corpus from public packages.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+tok_app = typer.Typer(help="Byte-level BPE tokenizer.", no_args_is_help=True)
+app.add_typer(tok_app, name="tokenizer")
+scaling_app = typer.Typer(help="IsoFLOP sweeps and scaling-law fits.", no_args_is_help=True)
+app.add_typer(scaling_app, name="scaling")
 
 PRESET_HELP = "config preset: smoke (seconds), tiny (the demo default)"
 
@@ -191,18 +195,95 @@ def mix(input: list[Path] = typer.Option(..., "--input", help="curated folder(s)
     typer.echo((Path(res["output"]) / "table.md").read_text())
 
 
+@tok_app.command("train")
+def tokenizer_train(input: list[Path] = typer.Option(..., "--input", help="mixed corpus folder(s) or .jsonl(.gz)"),
+                    output: Path = typer.Option(..., "--output", help="tokenizer folder (Hugging Face format)"),
+                    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="BPE vocabulary size"),
+                    config: Optional[Path] = typer.Option(None, help="YAML overrides of the pretraining config"),
+                    preset: str = typer.Option("tiny", help=PRESET_HELP)) -> None:
+    """Train the tokenizer, report chars/token per source, and write document-preserving token shards."""
+    cfg = _load("pretraining", preset, config)
+    if vocab_size:
+        cfg = cfg.derive(tokenizer=cfg.tokenizer.derive(vocab_size=vocab_size).model_dump())
+    _setup()
+    from flows.pretraining import tokenizer_flow
+
+    res = _with_bar(2, "tokenizer", lambda: tokenizer_flow([str(p) for p in input], str(output), cfg))
+    for src, v in res["tokenizer"]["compression"].items():
+        typer.echo(f"{src:>12} {v['docs']:>6} docs {v['chars_per_token']:.3f} chars/token")
+    typer.echo(f"tokenizer: {res['tokenizer']['path']}")
+    typer.echo(f"token shards: {res['tokens']['path']}")
+
+
+@scaling_app.command("sweep")
+def scaling_sweep(config: Optional[Path] = typer.Option(None, help="YAML overrides of the pretraining config"),
+                  preset: str = typer.Option("tiny", help=PRESET_HELP),
+                  data: Optional[Path] = typer.Option(None, help="token shards (default: the latest tokenized)"),
+                  output: Optional[Path] = typer.Option(None, help="folder for runs.csv")) -> None:
+    """IsoFLOP sweep: budgets x model sizes, one process per core; writes runs.csv (N,D,C,loss)."""
+    cfg = _load("pretraining", preset, config)
+    _setup()
+    from flows.pretraining import scaling_sweep_flow
+    from stages.scaling import plan_sweep
+
+    res = _with_bar(-(-len(plan_sweep(cfg.sweep)) // cfg.sweep_workers), "sweep",
+                    lambda: scaling_sweep_flow(cfg, str(data) if data else None, str(output) if output else None))
+    typer.echo(Path(res["runs_csv"]).read_text())
+    typer.echo(f"runs: {res['runs_csv']}")
+
+
+@scaling_app.command("fit")
+def scaling_fit(runs: Path = typer.Option(..., "--runs", help="CSV with columns N,D,C,loss"),
+                output: Path = typer.Option(..., "--output", help="folder for fit.json and isoflop.png"),
+                budget: Optional[float] = typer.Option(None, help="compute budget to recommend N, D for"),
+                config: Optional[Path] = typer.Option(None, help="YAML overrides of the pretraining config"),
+                preset: str = typer.Option("tiny", help=PRESET_HELP)) -> None:
+    """Fit IsoFLOP parabolas and L(N,D) = E + A/N^alpha + B/D^beta; write fit.json and the IsoFLOP figure."""
+    cfg = _load("pretraining", preset, config)
+    _setup()
+    from flows.pretraining import scaling_fit_flow
+    from stages.errors import HerdError
+
+    try:
+        res = _with_bar(1, "fit", lambda: scaling_fit_flow(str(runs), str(output), cfg.fit, budget or cfg.budget))
+    except HerdError as exc:
+        _fail(exc)
+    typer.echo((Path(res["output"]) / "fit.json").read_text())
+
+
+@app.command()
+def pretrain(config: Optional[Path] = typer.Option(None, help="YAML overrides of the pretraining config"),
+             preset: str = typer.Option("tiny", help=PRESET_HELP),
+             data: Optional[Path] = typer.Option(None, help="token shards (default: the latest tokenized)"),
+             fit: Optional[Path] = typer.Option(None, help="fit.json (default: the latest fit)")) -> None:
+    """Pretrain a Llama; `size: auto` takes the scaling fit's recommendation for `budget`."""
+    cfg = _load("pretraining", preset, config)
+    _setup()
+    from flows.pretraining import pretrain_flow
+
+    try:
+        res = _with_bar(1, "pretrain", lambda: pretrain_flow(cfg, str(data) if data else None,
+                                                             str(fit) if fit else None))
+    except ValueError as exc:
+        _fail(exc)
+    typer.echo(json.dumps({k: v for k, v in res.items() if k != "model"}, indent=2, default=str))
+
+
 @app.command()
 def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
          config: Optional[Path] = typer.Option(None, help="YAML overrides of the pipeline config")) -> None:
-    """Run the whole pipeline on the embedded default: fetch -> curate -> mix."""
+    """Run the whole pipeline on the embedded default: fetch -> curate -> mix -> tokenizer -> sweep -> fit -> pretrain."""
     cfg = _load("pipeline", preset, config)
     settings = _setup()
-    from flows.curation import pipeline_flow
+    from flows.pipeline import pipeline_flow
     from stages.curation.pipeline import enabled_steps
     from stages.errors import HerdError
 
     try:
-        res = _with_bar(len(enabled_steps(cfg.curation)) + 4, "demo", lambda: pipeline_flow(cfg))
+        from stages.scaling import plan_sweep
+
+        n_sweep = -(-len(plan_sweep(cfg.pretraining.sweep)) // cfg.pretraining.sweep_workers)
+        res = _with_bar(len(enabled_steps(cfg.curation)) + 4 + 4 + n_sweep, "demo", lambda: pipeline_flow(cfg))
     except HerdError as exc:
         _fail(exc)
     typer.echo(json.dumps(res, indent=2))

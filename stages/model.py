@@ -90,15 +90,20 @@ class ModelConfig(StageConfig):
         GQA with n_kv_heads = n_heads / 4 where it divides.
         """
         best: tuple[float, ModelConfig] | None = None
-        for n_layers in range(1, 97):
-            for dim in {max(head_dim, head_dim * round(64 * n_layers / head_dim)), head_dim * max(1, n_layers)}:
+        for n_layers in range(1, 49):
+            for k in range(1, 129):
+                dim = head_dim * k
+                aspect = dim / n_layers
+                if not 8 <= aspect <= 256:
+                    continue
                 n_heads = dim // head_dim
                 n_kv = n_heads // 4 if n_heads % 4 == 0 else n_heads
                 cfg = cls.model_validate(
                     {"flavour": f"p{int(n)}", "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
-                     "n_kv_heads": n_kv, "multiple_of": 64, **overrides}
+                     "n_kv_heads": n_kv, "multiple_of": min(64, head_dim), **overrides}
                 )
-                err = abs(math.log(num_params(cfg, vocab_size) / n))
+                # closest parameter count first; among near-ties prefer dim ~= 64 * n_layers (Chinchilla-like)
+                err = abs(math.log(num_params(cfg, vocab_size) / n)) + 0.02 * abs(math.log(aspect / 64))
                 if best is None or err < best[0]:
                     best = (err, cfg)
         assert best is not None

@@ -18,6 +18,30 @@ from stages.curation.pipeline import CurationConfig
 from stages.data.fetch import FetchConfig, smoke_fetch, tiny_fetch
 from stages.errors import ConfigError
 from stages.mix import MixConfig
+from stages.pretrain import PretrainConfig
+from stages.scaling import FitConfig, SweepConfig
+from stages.tokenizer import TokenizeConfig, TokenizerConfig
+
+
+class PretrainingConfig(StageConfig):
+    """Tokenizer, IsoFLOP sweep, scaling-law fit and the pretraining run they size.
+
+    Scaling-law N counts non-embedding parameters (Kaplan's convention) and C = 6 N D; MFU uses the
+    full FLOPs per token (6N with the output head, plus attention) from ``stages.model.flops_per_token``.
+    """
+
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="byte-level BPE training")
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="token shards and held-out split")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="IsoFLOP sweep: budgets x model sizes")
+    sweep_train: PretrainConfig = Field(default_factory=PretrainConfig,
+                                        description="training hyperparameters of sweep runs (tokens come from the plan)")
+    sweep_workers: int = Field(2, ge=1, description="sweep runs trained at once (one process and core each)")
+    fit: FitConfig = Field(default_factory=FitConfig, description="IsoFLOP and parametric fits, bootstrap CIs")
+    budget: float = Field(1e13, gt=0, description="compute budget C (FLOPs, 6ND) of the final model")
+    size: str = Field("auto", description="model size: 'auto' (the fit's recommendation for `budget`) or a flavour "
+                      "(debug, tiny, small, 7b, 8b)")
+    train: PretrainConfig = Field(default_factory=PretrainConfig, description="pretraining hyperparameters")
+    nproc: int = Field(1, ge=1, description="processes; > 1 launches torchrun (DDP on gloo/nccl)")
 
 
 class PipelineConfig(StageConfig):
@@ -27,6 +51,8 @@ class PipelineConfig(StageConfig):
     fetch: FetchConfig = Field(default_factory=FetchConfig, description="demo corpus sources and caps")
     curation: CurationConfig = Field(default_factory=CurationConfig, description="curation steps")
     mix: MixConfig = Field(default_factory=MixConfig, description="mixture shares and token budget")
+    pretraining: PretrainingConfig = Field(default_factory=PretrainingConfig,
+                                           description="tokenizer, scaling laws and pretraining")
 
 
 # The demo's quality classifier: reference text (encyclopedic, dictionary, documentation) against raw
@@ -47,7 +73,40 @@ def _demo_curation() -> CurationConfig:
 def tiny() -> PipelineConfig:
     """The demo default: a few thousand real documents, every stage on, minutes on 2 cores."""
     # offline packages carry little web text; a 250k-token budget keeps the Llama 1 shares with a few web epochs
-    return PipelineConfig(name="tiny", fetch=tiny_fetch(), curation=_demo_curation(), mix=MixConfig(tokens=250_000))
+    return PipelineConfig(name="tiny", fetch=tiny_fetch(), curation=_demo_curation(), mix=MixConfig(tokens=250_000),
+                          pretraining=_tiny_pretraining())
+
+
+def _tiny_pretraining() -> PretrainingConfig:
+    """CPU-scale scaling laws: three budgets x three sizes of ~4k-90k non-embedding parameters, then the
+    model the fit recommends for a 6e11-FLOP budget. At these sizes eager fp32 is as fast as
+    torch.compile + bf16 once compile time is counted; `benchmarks/pretrain.py` measures the trainer on
+    the `small` flavour, where they pay off."""
+    sweep_train = PretrainConfig(lr=3e-3, warmup_steps=10, seq_len=128, batch_tokens=4096, micro_batch_size=32,
+                                 log_every=50, eval_tokens=32_768)
+    return PretrainingConfig(
+        tokenizer=TokenizerConfig(vocab_size=4096),
+        sweep=SweepConfig(budgets=[2e10, 6e10, 2e11], sizes_per_budget=3, spread=3.0, min_params=2_000),
+        sweep_train=sweep_train,
+        fit=FitConfig(n_boot=50),
+        budget=6e11,
+        train=sweep_train.derive(log_every=20, eval_tokens=65_536),
+    )
+
+
+def _smoke_pretraining() -> PretrainingConfig:
+    sweep_train = PretrainConfig(lr=3e-3, warmup_steps=2, seq_len=64, batch_tokens=1024, micro_batch_size=16,
+                                 log_every=10, eval_tokens=8192)
+    return PretrainingConfig(
+        tokenizer=TokenizerConfig(vocab_size=1024),
+        # D/N = 2 keeps the smoke sweep to seconds; the fits are exercised, not meaningful
+        sweep=SweepConfig(budgets=[3e8, 1e9, 3e9], sizes_per_budget=3, spread=2.0, tokens_per_param=2.0,
+                          min_params=500),
+        sweep_train=sweep_train,
+        fit=FitConfig(n_boot=10, max_starts=8),
+        budget=3e9,
+        train=sweep_train,
+    )
 
 
 def smoke() -> PipelineConfig:
@@ -57,7 +116,8 @@ def smoke() -> PipelineConfig:
         ingest=base.ingest.derive(shards=2).model_dump(),
         executor=base.executor.derive(tasks=2, workers=2).model_dump(),
     )
-    return PipelineConfig(name="smoke", fetch=smoke_fetch(), curation=curation, mix=MixConfig())
+    return PipelineConfig(name="smoke", fetch=smoke_fetch(), curation=curation, mix=MixConfig(),
+                          pretraining=_smoke_pretraining())
 
 
 PRESETS = {"tiny": tiny, "smoke": smoke}
@@ -85,7 +145,7 @@ def _format_errors(exc: ValidationError, where: str, prefix: str) -> str:
     return f"invalid config in {where}:\n" + "\n".join(lines)
 
 
-SECTIONS = {"pipeline": None, "fetch": "fetch", "curation": "curation", "mix": "mix"}
+SECTIONS = {"pipeline": None, "fetch": "fetch", "curation": "curation", "mix": "mix", "pretraining": "pretraining"}
 
 
 def load_section(section: str, preset: str = "tiny", path: str | Path | None = None) -> Any:

@@ -44,3 +44,26 @@ def manifest_exists(path: str | Path) -> bool:
 
 def strip_examples(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if k != "examples"}
+
+
+def latest_file(home: str | Path) -> Path:
+    return Path(home) / "latest.json"
+
+
+def set_latest(home: str | Path, **refs: str) -> None:
+    """Record the newest output of a stage (tokenizer, tokens, runs_csv, fit) for commands that default to it."""
+    import json
+
+    from stages.common import write_json_atomic
+
+    path = latest_file(home)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(refs)
+    write_json_atomic(path, data)
+
+
+def get_latest(home: str | Path, key: str) -> str | None:
+    import json
+
+    path = latest_file(home)
+    return json.loads(path.read_text()).get(key) if path.exists() else None

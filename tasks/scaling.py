@@ -33,10 +33,11 @@ def sweep_run_task(run: dict, train: dict, data: dict, store: str, parent_run_id
             raise RuntimeError(f"sweep run C={run['C']:.2e} N={run['N']} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(result_file.read_text())
     with stage_run(f"sweep/C={run['C']:.1e}/N={run['N']}", None, parent_run_id) as rid:
-        mlflow.log_params({"C": run["C"], "N": run["N"], "D": run["D"], **res.get("shape", {})})
+        mlflow.log_params({"C": run["C"], "N_planned": run["N"], "N": res["N"], "D": res["tokens"],
+                           **res.get("shape", {})})
         mlflow.log_metrics({"loss": res["loss"], "tokens": float(res["tokens"]), "seconds": float(res["seconds"])})
         log_dataset("tokens-train", data["train"], data.get("digest", ""), "input")
-    return {"N": run["N"], "D": res["tokens"], "C": run["C"], "loss": res["loss"]}
+    return {"N": res["N"], "D": res["tokens"], "C": run["C"], "loss": res["loss"]}
 
 
 @task(task_run_name="scaling-fit")

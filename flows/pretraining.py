@@ -1,0 +1,97 @@
+"""Flows that compose the pretraining stages: tokenizer, IsoFLOP sweep, scaling-law fit, pretraining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow
+
+from herd.settings import load_settings
+from stages.common import config_hash
+from stages.presets import PretrainingConfig, tiny
+from stages.scaling import FitConfig, plan_sweep, write_runs
+from tasks.common import get_latest, set_latest
+from tasks.pretrain import pretrain_task
+from tasks.progress import report
+from tasks.scaling import fit_task, sweep_run_task
+from tasks.tokenizer import tokenize_task, tokenizer_task
+from tasks.tracking import parent_run
+
+
+@flow(name="tokenizer")
+def tokenizer_flow(inputs: list[str], output: str | None = None, config: PretrainingConfig = tiny().pretraining,
+                   parent_run_id: str | None = None) -> dict:
+    """Train the byte-level BPE on the mixed corpus, report compression, and write token shards."""
+    s = load_settings()
+    with parent_run("tokenizer", config.tokenizer, parent_run_id) as run_id:
+        tok = tokenizer_task(config.tokenizer, inputs, str(s.store), output, run_id)
+        report("tokenizer", {"docs": tok["vocab_size"]})
+        data = tokenize_task(config.tokenize, tok, inputs, str(s.store), run_id)
+        report("tokenize", {})
+    set_latest(s.home, tokenizer=tok["path"], tokens=data["path"])
+    return {"tokenizer": tok, "tokens": {k: data[k] for k in ("path", "train", "heldout")}}
+
+
+def _tokens(tokens: str | None) -> dict:
+    s = load_settings()
+    path = tokens or get_latest(s.home, "tokens")
+    if not path:
+        raise ValueError("no token shards: run `herd tokenizer train` (or `herd demo`) first, or pass --data")
+    return {"path": path, "train": str(Path(path) / "train"), "heldout": str(Path(path) / "heldout"),
+            "digest": json.loads((Path(path) / "manifest.json").read_text()).get("key", "")}
+
+
+@flow(name="scaling-sweep")
+def scaling_sweep_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | None = None,
+                       output: str | None = None, parent_run_id: str | None = None) -> dict:
+    """IsoFLOP sweep: for each budget C, models of several sizes trained on D = C/(6N) tokens, in parallel."""
+    s = load_settings()
+    data = _tokens(tokens)
+    with parent_run("scaling-sweep", config.sweep, parent_run_id) as run_id:
+        plan = plan_sweep(config.sweep)
+        train = config.sweep_train.model_dump(mode="json")
+        rows = []
+        for i in range(0, len(plan), config.sweep_workers):  # one process per core
+            futures = [sweep_run_task.submit(run, train, data, str(s.store), run_id)
+                       for run in plan[i:i + config.sweep_workers]]
+            rows += [f.result() for f in futures]
+            report("sweep", {"docs": len(rows)})
+        out = Path(output) if output else s.store / "scaling" / config_hash("sweep", config.sweep, train, data["path"])
+        out.mkdir(parents=True, exist_ok=True)
+        csv = out / "runs.csv"
+        write_runs([(r["N"], r["D"], r["C"], r["loss"]) for r in rows], csv)
+    set_latest(s.home, runs_csv=str(csv))
+    return {"runs_csv": str(csv), "runs": rows}
+
+
+@flow(name="scaling-fit")
+def scaling_fit_flow(runs_csv: str, output: str | None = None, config: FitConfig = tiny().pretraining.fit,
+                     budget: float = tiny().pretraining.budget, parent_run_id: str | None = None) -> dict:
+    """IsoFLOP (Approach 2) and parametric (Approach 3) fits with bootstrap CIs; recommends N, D for `budget`."""
+    s = load_settings()
+    out = output or str(s.store / "scaling" / "fit" / config_hash("fit", config, budget, Path(runs_csv).read_text()))
+    with parent_run("scaling-fit", config, parent_run_id) as run_id:
+        fit = fit_task(config, runs_csv, out, budget, run_id)
+        report("fit", {})
+    set_latest(s.home, fit=str(Path(out) / "fit.json"))
+    return {"output": out, **fit}
+
+
+@flow(name="pretrain")
+def pretrain_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | None = None,
+                  fit: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Pretrain a Llama; size `auto` takes the latest scaling fit's recommendation for `config.budget`."""
+    s = load_settings()
+    data = _tokens(tokens)
+    fit_path = fit or get_latest(s.home, "fit")
+    fit_obj = json.loads(Path(fit_path).read_text()) if fit_path and config.size == "auto" else None
+    if fit_obj is not None and abs(fit_obj["recommendation"]["C"] - config.budget) > 1e-6 * config.budget:
+        raise ValueError(f"the scaling fit at {fit_path} recommends a size for C={fit_obj['recommendation']['C']:.3g}, "
+                         f"but pretraining.budget is {config.budget:.3g}: run `herd scaling fit --budget "
+                         f"{config.budget:.3g}` or set the budget to match")
+    tokenizer = {"path": get_latest(s.home, "tokenizer") or ""}
+    with parent_run("pretrain", config.train, parent_run_id) as run_id:
+        res = pretrain_task(config.train, config.size, fit_obj, data, tokenizer, str(s.store), config.nproc, run_id)
+        report("pretrain", {})
+    return res

@@ -1,0 +1,75 @@
+"""Tokenizer -> IsoFLOP sweep -> scaling fit -> pretraining (size auto), under a Prefect test server
+with a real MLflow store, on the smoke preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from stages.presets import smoke
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chain(prefect_mlflow, tmp_path_factory):
+    from flows.curation import data_fetch_flow
+    from flows.pretraining import pretrain_flow, scaling_fit_flow, scaling_sweep_flow, tokenizer_flow
+
+    cfg = smoke()
+    fetched = data_fetch_flow(cfg.fetch)
+    files = sorted(str(p) for p in Path(fetched["path"]).glob("*.jsonl.gz"))
+    out = tmp_path_factory.mktemp("pretraining")
+    p = cfg.pretraining
+    tok = tokenizer_flow(files, str(out / "tokenizer"), p)
+    sweep = scaling_sweep_flow(p, tok["tokens"]["path"])
+    fit = scaling_fit_flow(sweep["runs_csv"], str(out / "fit"), p.fit, p.budget)
+    model = pretrain_flow(p)  # size auto: the latest fit and tokens, recorded by the flows above
+    return {"tok": tok, "sweep": sweep, "fit": fit, "model": model, "out": out, "cfg": cfg, "home": prefect_mlflow}
+
+
+def _runs(name: str):
+    return [r for r in mlflow.search_runs(experiment_names=["herd"], output_format="list", max_results=1000)
+            if r.info.run_name == name]
+
+
+def test_tokenizer_reports_compression_and_loads_offline(chain) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chain["tok"]["tokenizer"]["path"], local_files_only=True)
+    assert len(tok) == chain["cfg"].pretraining.tokenizer.vocab_size
+    comp = chain["tok"]["tokenizer"]["compression"]
+    assert comp["all"]["chars_per_token"] > 1.5 and {"web", "code"} <= set(comp)
+    run = _runs("tokenizer/train")[-1]
+    assert run.data.metrics["chars_per_token_all"] == pytest.approx(comp["all"]["chars_per_token"])
+
+
+def test_sweep_and_fit_contract(chain) -> None:
+    rows = chain["sweep"]["runs"]
+    assert len(rows) == 9 and all(r["loss"] > 0 for r in rows)
+    assert Path(chain["sweep"]["runs_csv"]).read_text().splitlines()[0] == "N,D,C,loss"
+    fit = json.loads((chain["out"] / "fit" / "fit.json").read_text())
+    assert set(fit) >= {"isoflop", "parametric", "ci", "recommendation"}
+    assert set(fit["isoflop"]) >= {"a", "b", "budgets"} and set(fit["recommendation"]) == {"C", "N", "D"}
+    assert set(fit["parametric"]) >= {"E", "A", "B", "alpha", "beta", "a", "b"}
+    assert fit["recommendation"]["C"] == chain["cfg"].pretraining.budget
+    assert (chain["out"] / "fit" / "isoflop.png").stat().st_size > 10_000
+    assert len(_runs("scaling/fit")) >= 1
+    assert sum(r.info.run_name.startswith("sweep/") for r in mlflow.search_runs(
+        experiment_names=["herd"], output_format="list", max_results=1000)) >= 9
+
+
+def test_pretrain_auto_takes_the_recommendation_and_logs_everything(chain) -> None:
+    model, fit = chain["model"], chain["fit"]
+    n_rec = fit["recommendation"]["N"]
+    assert model["size"] == "auto" and 0.5 * n_rec <= model["num_params"] <= 2 * n_rec
+    assert model["heldout_loss"] and model["heldout_loss_by_source"]
+    run = _runs("pretrain/train")[-1]
+    assert {"final_loss", "heldout_loss", "tokens_per_s", "mfu"} <= set(run.data.metrics)
+    assert any(k.startswith("heldout_loss_") for k in run.data.metrics)
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"samples.md", "model"} <= arts
+    assert (Path(model["model_dir"]) / "model.safetensors").exists()
