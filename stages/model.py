@@ -117,6 +117,8 @@ FLAVOURS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, multiple_of=64, max_seq_len=512),
     # ~7.6M non-embedding parameters
     "small": dict(dim=320, n_layers=6, n_heads=5, n_kv_heads=5, multiple_of=64, max_seq_len=1024),
+    # ~85M non-embedding (~125M with a 32k vocabulary): GPU benchmarks (GPT-2-small shape, GQA 12/4)
+    "125m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, multiple_of=256, max_seq_len=2048),
     # Llama-2-7B-shaped (with Llama 3's 8 KV heads)
     "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=256, max_seq_len=4096),
     # Llama-3-8B-shaped
