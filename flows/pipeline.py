@@ -25,13 +25,16 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
                          parent_run_id=run_id)
         p = config.pretraining
         tok = tokenizer_flow([mixed["output"]], str(s.home / "tokenizer" / config.name), p, parent_run_id=run_id)
-        sweep = scaling_sweep_flow(p, tok["tokens"]["path"], parent_run_id=run_id)
-        fit = scaling_fit_flow(sweep["runs_csv"], str(s.home / "scaling" / config.name), p.fit, p.budget,
-                               parent_run_id=run_id)
-        model = pretrain_flow(p, tok["tokens"]["path"], str(Path(fit["output"]) / "fit.json"), parent_run_id=run_id)
+        fit = None
+        if p.size == "auto":  # size from the scaling laws: IsoFLOP sweep, then the fit's recommendation
+            sweep = scaling_sweep_flow(p, tok["tokens"]["path"], parent_run_id=run_id)
+            fit = scaling_fit_flow(sweep["runs_csv"], str(s.home / "scaling" / config.name), p.fit, p.budget,
+                                   parent_run_id=run_id)
+        model = pretrain_flow(p, tok["tokens"]["path"], str(Path(fit["output"]) / "fit.json") if fit else None,
+                              parent_run_id=run_id)
     return {"fetch": {"path": fetched["path"], "docs": fetched["docs"]}, "curation": curated,
             "mix": {k: mixed[k] for k in ("output", "key")},
             "tokenizer": {"path": tok["tokenizer"]["path"], "compression": tok["tokenizer"]["compression"]},
-            "scaling": {k: fit[k] for k in ("output", "isoflop", "parametric", "ci", "recommendation")},
+            "scaling": {k: fit[k] for k in ("output", "isoflop", "parametric", "ci", "recommendation")} if fit else None,
             "pretrain": {k: model[k] for k in ("size", "num_params", "tokens", "final_loss", "heldout_loss",
                                                "heldout_loss_by_source", "tokens_per_s", "mfu", "model_dir")}}

@@ -282,8 +282,9 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
     try:
         from stages.scaling import plan_sweep
 
-        n_sweep = -(-len(plan_sweep(cfg.pretraining.sweep)) // cfg.pretraining.sweep_workers)
-        res = _with_bar(len(enabled_steps(cfg.curation)) + 4 + 4 + n_sweep, "demo", lambda: pipeline_flow(cfg))
+        p = cfg.pretraining
+        n_scaling = (-(-len(plan_sweep(p.sweep)) // p.sweep_workers) + 1) if p.size == "auto" else 0
+        res = _with_bar(len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling, "demo", lambda: pipeline_flow(cfg))
     except HerdError as exc:
         _fail(exc)
     typer.echo(json.dumps(res, indent=2))
