@@ -129,3 +129,25 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` for every non-blank line of a trusted JSONL(.gz) file.
+
+    A line that is not valid JSON raises ``DataValidationError`` naming the file and line (herd's
+    own intermediate files; raw user input goes through the curation ingest, which quarantines).
+    """
+    import gzip
+
+    from stages.errors import DataValidationError
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataValidationError(f"invalid JSON: {exc}", file=str(path), line=n) from exc

@@ -16,7 +16,6 @@ files or folders of them; one JSON object per line with ``text`` and ``source`` 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ from stages.common import (
     atomic_dir,
     config_hash,
     file_sha256,
+    iter_jsonl,
     read_manifest,
     write_json_atomic,
 )
@@ -179,23 +179,15 @@ def input_files(inputs: list[Path]) -> list[Path]:
 def iter_docs(inputs: list[Path]) -> Iterator[Doc]:
     """Every document of ``inputs`` in sorted file order, line order."""
     for path in input_files(inputs):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataValidationError(f"invalid JSON: {exc}", file=str(path), line=n) from exc
-                text = rec.get("text")
-                if not isinstance(text, str):
-                    raise DataValidationError("record has no string text", file=str(path), line=n, field="text")
-                src = rec.get("source") or (rec.get("metadata") or {}).get("source")
-                if not src:
-                    raise DataValidationError("record has no source (top-level 'source' or metadata.source)",
-                                              file=str(path), line=n, field="source")
-                yield Doc(str(rec.get("id", f"{path.name}:{n}")), text, str(src))
+        for n, rec in iter_jsonl(path):
+            text = rec.get("text")
+            if not isinstance(text, str):
+                raise DataValidationError("record has no string text", file=str(path), line=n, field="text")
+            src = rec.get("source") or (rec.get("metadata") or {}).get("source")
+            if not src:
+                raise DataValidationError("record has no source (top-level 'source' or metadata.source)",
+                                          file=str(path), line=n, field="source")
+            yield Doc(str(rec.get("id", f"{path.name}:{n}")), text, str(src))
 
 
 def base_id(doc_id: str) -> str:

@@ -9,9 +9,7 @@ below the threshold with reason ``quality``; documents of other sources pass unt
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import logging
 import re
 import time
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from stages.common import StageConfig, file_sha256, write_json_atomic
+from stages.common import StageConfig, file_sha256, iter_jsonl, write_json_atomic
 from stages.curation import base
 from stages.curation.base import KEPT, ExecutorConfig
 from stages.errors import DataValidationError, MissingAssetError
@@ -100,19 +98,11 @@ def iter_jsonl_records(path: Path) -> Iterator[dict]:
     for file in files:
         if not file.is_file():
             raise MissingAssetError(f"quality: input file {file} does not exist")
-        opener = gzip.open if file.suffix == ".gz" else open
-        with opener(file, "rt", encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataValidationError(f"invalid JSON: {exc}", file=str(file), line=n) from exc
-                for key in ("id", "text"):
-                    if key not in rec:
-                        raise DataValidationError("missing key", file=str(file), line=n, field=key)
-                yield rec
+        for n, rec in iter_jsonl(file):
+            for key in ("id", "text"):
+                if key not in rec:
+                    raise DataValidationError("missing key", file=str(file), line=n, field=key)
+            yield rec
 
 
 def _binary_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
+from stages.common import iter_jsonl
 from stages.errors import ConfigError, DataValidationError
 
 log = logging.getLogger(__name__)
@@ -851,20 +852,12 @@ def iter_local(spec: ConnectorSpec) -> Iterator[RawDoc]:
                     if doc is not None:
                         yield doc
         else:
-            opener = gzip.open if path.name.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataValidationError(f"invalid JSON: {exc}", file=str(path), line=n) from None
-                    if not isinstance(record, dict):
-                        raise DataValidationError("expected a JSON object per line", file=str(path), line=n)
-                    doc = _record_doc(spec, record, f"{stem}/{n}", str(path), n)
-                    if doc is not None:
-                        yield doc
+            for n, record in iter_jsonl(path):
+                if not isinstance(record, dict):
+                    raise DataValidationError("expected a JSON object per line", file=str(path), line=n)
+                doc = _record_doc(spec, record, f"{stem}/{n}", str(path), n)
+                if doc is not None:
+                    yield doc
 
 
 def iter_hf(spec: ConnectorSpec, cap: int | None, seed: int) -> Iterator[RawDoc]:
