@@ -141,7 +141,7 @@ def data_fetch(preset: str = typer.Option("tiny", help=PRESET_HELP),
     except HerdError as exc:
         _fail(exc)
     if output:
-        from tasks.curation import copy_tree
+        from tasks.common import copy_tree
 
         copy_tree(Path(ref["path"]), output)
     for s in ref["stats"]["sources"]:

@@ -67,3 +67,13 @@ def get_latest(home: str | Path, key: str) -> str | None:
 
     path = latest_file(home)
     return json.loads(path.read_text()).get(key) if path.exists() else None
+
+
+def copy_tree(src: str | Path, dst: str | Path) -> None:
+    """Copy a stored stage output to a user-named folder, atomically (the old folder stays until done)."""
+    import shutil
+
+    from stages.common import atomic_dir
+
+    with atomic_dir(Path(dst)) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -141,12 +139,3 @@ def funnel_figure(report: dict):
     fig.tight_layout()
     plt.close(fig)
     return fig
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    with atomic_dir(dst) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -10,6 +10,7 @@ from prefect import task
 
 from stages.common import atomic_dir, config_hash, file_sha256, read_manifest, tree_sha256, write_json_atomic
 from stages.mix import MixConfig, mix
+from tasks.common import copy_tree
 from tasks.tracking import log_dataset, publish_markdown, run_url, stage_run
 
 
@@ -33,10 +34,7 @@ def mix_task(cfg: MixConfig, inputs: list[str], store: str, output: str | None, 
     man = read_manifest(out)
     final = Path(output) if output else out
     if output:
-        with atomic_dir(final) as tmp:
-            import shutil
-
-            shutil.copytree(out, tmp, dirs_exist_ok=True)
+        copy_tree(out, final)
     table = json.loads((final / "table.json").read_text())
     with stage_run("mix", cfg, parent_run_id, tags={"herd.reused": str(cached)}) as rid:
         for row in table["sources"]:
