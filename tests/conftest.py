@@ -52,6 +52,8 @@ def prefect_mlflow(herd_home):
     import mlflow
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    # artifacts next to the store, not in ./mlruns of the working directory
+    mlflow.create_experiment("herd", artifact_location=(herd_home / "mlartifacts").as_uri())
     with prefect_test_harness(server_startup_timeout=120):
         yield herd_home
     for k, v in old.items():
