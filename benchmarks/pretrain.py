@@ -4,7 +4,7 @@ same process, side by side. MFU from ``stages.model.flops_per_token`` over the p
 of this machine, measured with a square-matmul microbenchmark (``measure_peak_flops``).
 
     .venv/bin/python benchmarks/pretrain.py [--flavour small] [--seq-len 256] [--micro-batch 8]
-        [--steps 12] [--vocab 8192] [--threads 2]
+        [--steps 30] [--vocab 8192] [--threads 2] [--attn sdpa|flex_attention] [--device cpu|cuda]
 
 The first compile takes ~90 s on a 2-core CPU (cached afterwards); the timed steps exclude it.
 """
@@ -70,9 +70,11 @@ def main() -> None:
     p.add_argument("--flavour", default="small")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--attn", default="sdpa", help="herd path's document-masked attention: sdpa (dense 4D mask) or "
+                   "flex_attention (block-sparse BlockMask)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (a `gpu` run: ~125M model, e.g. --flavour 125m)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -91,14 +93,14 @@ def main() -> None:
             device=args.device,
         )
         t0 = time.perf_counter()
-        res = pretrain(cfg, model_cfg, data, None, Path(tmp) / "out")
+        res = pretrain(cfg, model_cfg.derive(attn_implementation=args.attn), data, None, Path(tmp) / "out")
         wall = time.perf_counter() - t0
 
     print(f"model {args.flavour}: {res.num_params / 1e6:.2f}M params, seq_len {args.seq_len}, batch {args.micro_batch}, "
           f"{fpt / 1e6:.1f} MFLOP/token; {args.device} peak bf16 {peak / 1e12:.3f} TFLOP/s")
     print(f"{'path':<34}{'tokens/s':>12}{'MFU':>9}")
     print(f"{'plain eager fp32 loop':<34}{base_tps:>12.0f}{mfu(base_tps, fpt, peak):>9.2%}")
-    print(f"{'herd pretrain (compile + bf16)':<34}{res.tokens_per_s:>12.0f}{res.mfu:>9.2%}")
+    print(f"{'herd pretrain (compile + bf16, ' + args.attn + ')':<34}{res.tokens_per_s:>12.0f}{res.mfu:>9.2%}")
     print(f"ratio herd / plain: {res.tokens_per_s / base_tps:.2f}x   (herd wall incl. compile {wall:.0f} s)")
 
 

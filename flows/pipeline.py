@@ -36,5 +36,5 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
             "mix": {k: mixed[k] for k in ("output", "key")},
             "tokenizer": {"path": tok["tokenizer"]["path"], "compression": tok["tokenizer"]["compression"]},
             "scaling": {k: fit[k] for k in ("output", "isoflop", "parametric", "ci", "recommendation")} if fit else None,
-            "pretrain": {k: model[k] for k in ("size", "num_params", "tokens", "final_loss", "heldout_loss",
+            "pretrain": {k: model[k] for k in ("size", "num_params", "scaling_params", "tokens", "final_loss", "heldout_loss",
                                                "heldout_loss_by_source", "tokens_per_s", "mfu", "model_dir")}}

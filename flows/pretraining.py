@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from prefect import flow
+from prefect.futures import as_completed
 
 from herd.settings import load_settings
 from stages.common import config_hash
@@ -51,12 +52,22 @@ def scaling_sweep_flow(config: PretrainingConfig = tiny().pretraining, tokens: s
     with parent_run("scaling-sweep", config.sweep, parent_run_id) as run_id:
         plan = plan_sweep(config.sweep)
         train = config.sweep_train.model_dump(mode="json")
-        rows = []
-        for i in range(0, len(plan), config.sweep_workers):  # one process per core
-            futures = [sweep_run_task.submit(run, train, data, str(s.store), run_id)
-                       for run in plan[i:i + config.sweep_workers]]
-            rows += [f.result() for f in futures]
+        shape = {"head_dim": config.sweep.head_dim, "aspect": config.sweep.aspect}
+        rows: list[dict] = []
+        running: list = []
+
+        def collect(done) -> None:
+            running.remove(done)
+            rows.append(done.result())
             report("sweep", {"docs": len(rows)})
+
+        for run in plan:  # a sliding window of sweep_workers runs, one process (and core) each
+            if len(running) >= config.sweep_workers:
+                collect(next(as_completed(running)))
+            running.append(sweep_run_task.submit(run, train, shape, data, str(s.store), run_id))
+        for done in as_completed(list(running)):
+            collect(done)
+        rows.sort(key=lambda r: (r["C"], r["N"]))
         out = Path(output) if output else s.store / "scaling" / config_hash("sweep", config.sweep, train, data["path"])
         out.mkdir(parents=True, exist_ok=True)
         csv = out / "runs.csv"
@@ -92,6 +103,7 @@ def pretrain_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | 
                          f"{config.budget:.3g}` or set the budget to match")
     tokenizer = {"path": get_latest(s.home, "tokenizer") or ""}
     with parent_run("pretrain", config.train, parent_run_id) as run_id:
-        res = pretrain_task(config.train, config.size, fit_obj, data, tokenizer, str(s.store), config.nproc, run_id)
+        res = pretrain_task(config.train, config.size, fit_obj, config.sweep, data, tokenizer, str(s.store),
+                            config.nproc, run_id)
         report("pretrain", {})
     return res

@@ -11,18 +11,23 @@ a block-diagonal causal 4D mask and position ids that restart at every document 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from stages.common import StageConfig
-from stages.errors import ConfigError
+from stages.errors import ConfigError, MissingAssetError
 
 log = logging.getLogger(__name__)
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
 
 
 class ModelConfig(StageConfig):
@@ -43,13 +48,16 @@ class ModelConfig(StageConfig):
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
     tie_embeddings: bool = Field(False, description="Share the input embedding and the output projection.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
-    attn_implementation: str = Field("sdpa", description="Attention kernel: 'sdpa' or 'eager'.")
+    attn_implementation: str = Field(
+        "sdpa", description="Attention kernel: 'sdpa' (document mask as a dense 4D bool mask), 'flex_attention' "
+                            "(a block-sparse BlockMask: whole blocks across documents are skipped; GPU training, CPU inference only) "
+                            "or 'eager'.")
 
     @field_validator("attn_implementation")
     @classmethod
     def _attn(cls, v: str) -> str:
-        if v not in ("sdpa", "eager"):
-            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {v!r}")
+        if v not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -83,18 +91,40 @@ class ModelConfig(StageConfig):
         return cls.model_validate(data)
 
     @classmethod
-    def for_params(cls, n: float, *, vocab_size: int = 32000, head_dim: int = 64, **overrides: Any) -> ModelConfig:
-        """The shape with about ``n`` non-embedding parameters (scaling sweeps).
+    def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> ModelConfig:
+        """The shape of a saved Llama (its ``config.json``), e.g. a base model to fine-tune."""
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise MissingAssetError(f"no config.json in {model_dir}: not a saved Hugging Face model folder")
+        c = json.loads(path.read_text())
+        if c.get("model_type") != "llama":
+            raise ConfigError(f"{path}: model_type {c.get('model_type')!r}; herd trains Llama models")
+        data = {"flavour": Path(model_dir).name, "dim": c["hidden_size"], "n_layers": c["num_hidden_layers"],
+                "n_heads": c["num_attention_heads"],
+                "n_kv_heads": c.get("num_key_value_heads") or c["num_attention_heads"],
+                "ffn_hidden": c["intermediate_size"],
+                "rope_theta": float((c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0))),
+                "max_seq_len": c.get("max_position_embeddings", 2048), "norm_eps": c.get("rms_norm_eps", 1e-5),
+                "tie_embeddings": bool(c.get("tie_word_embeddings", False)), **overrides}
+        return cls.model_validate(data)
 
-        Keeps the aspect ratio dim ~= 64 * n_layers (as in Chinchilla-style sweeps), head_dim fixed, and
-        GQA with n_kv_heads = n_heads / 4 where it divides.
+    @classmethod
+    def for_params(cls, n: float, *, vocab_size: int = 32000, head_dim: int = 64, aspect: float = 64.0,
+                   **overrides: Any) -> ModelConfig:
+        """The shape with about ``n`` scaling parameters (``scaling_params``: non-embedding + output head).
+
+        Among shapes within a few percent of ``n`` it prefers dim ~= ``aspect`` * n_layers; head_dim is
+        fixed and GQA uses n_kv_heads = n_heads / 4 where it divides. With a small vocabulary and tiny
+        budgets the head is a large part of N, so it is counted: C = 6 N D is then the actual matmul
+        compute of a step (Chinchilla counted all parameters; Kaplan's non-embedding count misjudges
+        small models, Pearce & Song 2024).
         """
         best: tuple[float, ModelConfig] | None = None
         for n_layers in range(1, 49):
             for k in range(1, 129):
                 dim = head_dim * k
-                aspect = dim / n_layers
-                if not 8 <= aspect <= 256:
+                ratio = dim / n_layers
+                if not aspect / 16 <= ratio <= aspect * 4:
                     continue
                 n_heads = dim // head_dim
                 n_kv = n_heads // 4 if n_heads % 4 == 0 else n_heads
@@ -102,11 +132,12 @@ class ModelConfig(StageConfig):
                     {"flavour": f"p{int(n)}", "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
                      "n_kv_heads": n_kv, "multiple_of": min(64, head_dim), **overrides}
                 )
-                # closest parameter count first; among near-ties prefer dim ~= 64 * n_layers (Chinchilla-like)
-                err = abs(math.log(num_params(cfg, vocab_size) / n)) + 0.02 * abs(math.log(aspect / 64))
+                # closest parameter count first; among near-ties prefer the aspect ratio
+                err = abs(math.log(scaling_params(cfg, vocab_size) / n)) + 0.1 * abs(math.log(ratio / aspect))
                 if best is None or err < best[0]:
                     best = (err, cfg)
-        assert best is not None
+        if best is None:
+            raise ConfigError(f"no model shape with head_dim={head_dim} and aspect={aspect} fits N={n:.3g}")
         return best[1]
 
 
@@ -166,6 +197,19 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int = 0):
     return model
 
 
+def load_causal_lm(model_dir: str | Path, attn_implementation: str = "sdpa"):
+    """A saved ``LlamaForCausalLM`` (safetensors only: no pickle), fp32 on CPU, for training or scoring."""
+    from transformers import LlamaForCausalLM
+
+    model_dir = Path(model_dir)
+    if not any(model_dir.glob("*.safetensors")):
+        raise MissingAssetError(f"no *.safetensors weights in {model_dir}; herd loads models only from safetensors")
+    model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
+                                             dtype=torch.float32, attn_implementation=attn_implementation)
+    model.config.use_cache = False
+    return model
+
+
 def num_params(cfg: ModelConfig, vocab_size: int, non_embedding: bool = True) -> int:
     """Parameter count, analytically. ``non_embedding`` drops the token embedding and the output head."""
     kv_dim = cfg.n_kv_heads * cfg.head_dim
@@ -179,6 +223,15 @@ def num_params(cfg: ModelConfig, vocab_size: int, non_embedding: bool = True) ->
     return body + emb + (0 if cfg.tie_embeddings else emb)
 
 
+def scaling_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """N of the scaling laws (C = 6 N D): every weight that takes part in a matmul.
+
+    The non-embedding parameters plus the output projection (dim * vocab, a matmul even when tied); the
+    input embedding is a gather and is not counted.
+    """
+    return num_params(cfg, vocab_size, non_embedding=True) + cfg.dim * vocab_size
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, vocab_size: int) -> float:
     """Training FLOPs per token: 6N + 12 * n_layers * dim * seq_len (Chinchilla / PaLM appendix B).
 
@@ -186,8 +239,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, vocab_size: int) -> float:
     projection (dim * vocab; it is a matmul even when tied). The input embedding is a gather (no FLOPs).
     The attention term counts the full (unmasked) score and value matmuls, as PaLM does.
     """
-    n = num_params(cfg, vocab_size, non_embedding=True) + cfg.dim * vocab_size
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len
+    return 6.0 * scaling_params(cfg, vocab_size) + 12.0 * cfg.n_layers * cfg.dim * seq_len
 
 
 def mfu(tokens_per_s: float, flops_per_token_: float, peak_flops: float) -> float:
@@ -231,7 +283,7 @@ def measure_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
 
 
 def packed_inputs(doc_ids: torch.Tensor, *, attn_implementation: str = "sdpa",
-                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                  dtype: torch.dtype = torch.float32) -> tuple[Any, torch.Tensor]:
     """Document-masking inputs for a packed batch (Llama 3).
 
     Args:
@@ -240,19 +292,31 @@ def packed_inputs(doc_ids: torch.Tensor, *, attn_implementation: str = "sdpa",
 
     Returns:
         mask: (B, 1, T, T) block-diagonal causal mask, so attention never crosses a document
-            boundary. Bool (True = attend) for sdpa; additive float (0 / dtype min) for eager.
-            transformers 5.x passes any 4D mask through ``create_causal_mask`` unchanged.
+            boundary. Bool (True = attend) for sdpa; additive float (0 / dtype min) for eager; for
+            flex_attention a ``BlockMask`` of the same predicate (blocks wholly across documents or
+            above the diagonal are skipped, not computed and masked). transformers 5.x passes any 4D
+            mask or BlockMask through ``create_causal_mask`` unchanged.
         position_ids: (B, T) long, restarting at 0 at every document start.
     """
     b, t = doc_ids.shape
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
-    mask = (same & causal)[:, None]
     idx = torch.arange(t, device=doc_ids.device).expand(b, t)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     start_pos = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
     position_ids = idx - start_pos
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        docs = doc_ids
+
+        def document_causal(batch, head, q_idx, kv_idx):
+            return (docs[batch, q_idx] == docs[batch, kv_idx]) & (q_idx >= kv_idx)
+
+        block_mask = create_block_mask(document_causal, B=b, H=None, Q_LEN=t, KV_LEN=t, device=doc_ids.device)
+        return block_mask, position_ids
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    mask = (same & causal)[:, None]
     if attn_implementation == "eager":
         mask = torch.zeros(mask.shape, dtype=dtype, device=doc_ids.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask, position_ids

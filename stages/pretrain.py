@@ -29,7 +29,15 @@ from pydantic import BaseModel, Field, model_validator
 
 from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, config_hash, read_manifest, write_json_atomic
 from stages.errors import ConfigError, DataValidationError, DivergenceError
-from stages.model import ModelConfig, build_model, flops_per_token, measure_peak_flops, mfu, packed_inputs
+from stages.model import (
+    ModelConfig,
+    build_model,
+    flops_per_token,
+    load_causal_lm,
+    measure_peak_flops,
+    mfu,
+    packed_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,13 @@ class PretrainResult(BaseModel):
 # ---------------------------------------------------------------------------------------------- data
 
 
+def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
+    """Read-only memory map of a flat binary file (an empty file is an empty array; mmap refuses those)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
 class TokenSplit:
     """Reader of a tokenised split: ``tokens.bin`` (uint16/uint32), ``doc_offsets.npy``, ``doc_sources.npy``."""
 
@@ -137,7 +152,7 @@ class TokenSplit:
         if dtype is None:
             vocab = manifest.get("vocab_size")
             dtype = "uint32" if vocab is not None and vocab > 65536 else "uint16"
-        self.tokens = np.memmap(self.dir / "tokens.bin", dtype=np.dtype(dtype), mode="r")
+        self.tokens = _memmap(self.dir / "tokens.bin", np.dtype(dtype))
         if len(self.tokens) != self.offsets[-1]:
             raise DataValidationError(
                 f"tokens.bin holds {len(self.tokens)} {dtype} tokens but doc_offsets ends at {self.offsets[-1]}",
@@ -151,6 +166,11 @@ class TokenSplit:
             sources = [names[int(i)] for i in sources]
         self.sources = np.asarray([str(s) for s in sources])
         self.vocab_size = manifest.get("vocab_size")
+        mask_path = self.dir / "loss_mask.bin"  # SFT: 1 where the token is scored (answers), 0 elsewhere
+        self.loss_mask = _memmap(mask_path, np.dtype(np.uint8)) if mask_path.is_file() else None
+        if self.loss_mask is not None and len(self.loss_mask) != len(self.tokens):
+            raise DataValidationError(f"loss_mask.bin has {len(self.loss_mask)} entries for {len(self.tokens)} tokens",
+                                      file=str(mask_path))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -165,13 +185,15 @@ class TokenSplit:
         """Packed windows of ``seq_len + 1`` tokens starting at ``starts``.
 
         Returns (input_ids (B,T) int64, labels (B,T) int64 with IGNORE_INDEX where the target belongs to
-        another document than its input, doc_index (B,T+1) int64 per token).
+        another document than its input or, with a loss mask, is not scored; doc_index (B,T+1) int64).
         """
         pos = starts[:, None] + np.arange(seq_len + 1)[None, :]
         toks = np.asarray(self.tokens[pos.ravel()], dtype=np.int64).reshape(pos.shape)
         docs = np.searchsorted(self.offsets, pos, side="right") - 1
         labels = toks[:, 1:].copy()
         labels[docs[:, 1:] != docs[:, :-1]] = IGNORE_INDEX
+        if self.loss_mask is not None:
+            labels[np.asarray(self.loss_mask[pos[:, 1:].ravel()]).reshape(labels.shape) == 0] = IGNORE_INDEX
         return toks[:, :-1], labels, docs
 
 
@@ -213,6 +235,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     loss_sum = F.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction="sum")
     return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+class CausalLMWithLoss(torch.nn.Module):
+    """``model`` plus its summed next-token loss in one forward, so ``torch.compile`` fuses the output head,
+    the fp32 cast and the cross-entropy instead of materialising (B, T, V) fp32 logits in eager mode.
+    Holds no parameters of its own: ``model``'s state dict is unchanged."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, labels) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return causal_lm_loss(logits, labels)[0]
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -343,11 +379,14 @@ def pretrain(
     world_size: int = 1,
     resume: bool = True,
     stop_after_steps: int | None = None,
+    init_model_dir: str | Path | None = None,
 ) -> PretrainResult:
     """Train a Llama on ``data_dir`` and write ``out_dir/{model,metrics.json,manifest.json}``.
 
     ``stop_after_steps`` stops (with a checkpoint) after that many optimizer steps in total; a later call
     with ``resume=True`` continues from the newest checkpoint. A complete ``manifest.json`` short-circuits.
+    ``init_model_dir`` starts from a saved ``LlamaForCausalLM`` (safetensors; SFT from a base model)
+    instead of a fresh init; ``model_cfg`` must describe it (``ModelConfig.from_pretrained``).
     """
     out_dir = Path(out_dir)
     done = read_manifest(out_dir)
@@ -367,6 +406,9 @@ def pretrain(
     else:
         device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{rank % torch.cuda.device_count()}")
 
+    if device.type == "cpu" and model_cfg.attn_implementation == "flex_attention":
+        raise ConfigError("attn_implementation 'flex_attention' has no backward pass on CPU in this torch; use 'sdpa' "
+                          "for CPU training (flex_attention is for GPUs)")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -379,7 +421,15 @@ def pretrain(
     n_seq = cfg.sequences_per_batch
     per_rank = n_seq // world_size
 
-    raw_model = build_model(model_cfg, vocab, seed=cfg.seed).to(device)
+    if init_model_dir is not None:
+        raw_model = load_causal_lm(init_model_dir, model_cfg.attn_implementation)
+        if raw_model.config.vocab_size < vocab:
+            raise ConfigError(f"the model in {init_model_dir} has {raw_model.config.vocab_size} token ids but the data "
+                              f"uses ids up to {vocab - 1}: tokenize with that model's tokenizer")
+        vocab = raw_model.config.vocab_size
+        raw_model = raw_model.to(device)
+    else:
+        raw_model = build_model(model_cfg, vocab, seed=cfg.seed).to(device)
     raw_model.train()
     optimizer = torch.optim.AdamW(
         _param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -405,11 +455,11 @@ def pretrain(
         step, data_pos, history = state["step"], state["data_position"], list(state["loss_history"])
         log.info("resumed from %s (step %d, data position %d)", ck_dir, step, data_pos)
 
-    model = raw_model
+    model = CausalLMWithLoss(raw_model)
     if dist is not None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     fwd = torch.compile(model) if cfg.compile else model
 
     fpt = flops_per_token(model_cfg, cfg.seq_len, vocab)
@@ -444,8 +494,7 @@ def pretrain(
             sync = contextlib.nullcontext() if dist is None or k == accum - 1 else model.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    logits = fwd(input_ids=ids_t, attention_mask=mask, position_ids=pos).logits
-                loss_sum, _ = causal_lm_loss(logits, labels_t)
+                    loss_sum = fwd(ids_t, mask, pos, labels_t)
                 # DDP averages gradients over ranks; scale so the result is the global token mean.
                 (loss_sum * (world_size / max(1, n_valid))).backward()
             loss_sum_local += loss_sum.detach()

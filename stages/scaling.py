@@ -19,7 +19,8 @@ Fits, on runs ``(N, D, C, loss)`` (CSV with header ``N,D,C,loss``):
 * Bootstrap: runs resampled with replacement within each budget (seeded), both fits repeated,
   percentile intervals reported.
 
-:func:`fit_scaling` writes ``fit.json`` (contract below) and ``isoflop.png``::
+:func:`fit_scaling` writes ``fit.json`` (contract below), ``isoflop.png`` and ``diagnostics.json`` (budgets
+left out of the IsoFLOP power law and why, failed fits and bootstrap replicates)::
 
     {"isoflop": {"a", "b", "budgets": [{"C", "N_opt", "D_opt", "loss_min", "coeffs"}, ...]},
      "parametric": {"E", "A", "B", "alpha", "beta", "a", "b"},
@@ -34,7 +35,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -98,6 +99,9 @@ class SweepConfig(StageConfig):
                           description="Seeded log-uniform jitter of each size, as a fraction of the log step "
                                       "(0 = none).")
     seed: int = Field(default=0, description="Seed of the size jitter (the plan is deterministic given the config).")
+    head_dim: int = Field(default=8, ge=1, description="Attention head size of the sweep's model shapes (and of the "
+                          "model `size: auto` builds from the fit).")
+    aspect: float = Field(default=16.0, gt=0, description="Preferred width per layer (dim / n_layers) of those shapes.")
 
     @field_validator("budgets")
     @classmethod
@@ -353,6 +357,7 @@ class IsoflopFit:
     log_G: float
     log_G_D: float
     budgets: list[dict[str, Any]]
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # budgets left out, with the reason
 
     def n_opt(self, C: float) -> float:
         return float(math.exp(self.log_G + self.a * math.log(C)))
@@ -389,11 +394,14 @@ def fit_parabola(N: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, float, fl
 def fit_isoflop(runs: Sequence[Sequence[float]], *, min_sizes: int = 3, budget_rtol: float = 1e-6) -> IsoflopFit:
     """Chinchilla Approach 2 on ``runs`` ``(N, D, C, loss)``.
 
-    Raises :class:`DataValidationError` with fewer than 2 usable budgets.
+    A budget enters the power-law regression only when its parabola has a minimum inside the sizes swept
+    for it (an edge minimum is an extrapolation, not a measurement). Raises :class:`DataValidationError`
+    with fewer than 2 usable budgets.
     """
     N, _D, C, L = _as_arrays(runs)
     labels = group_budgets(C, budget_rtol)
     budgets: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     for lab in range(labels.max() + 1):
         m = labels == lab
         c = float(np.exp(np.mean(np.log(C[m]))))
@@ -405,6 +413,13 @@ def fit_isoflop(runs: Sequence[Sequence[float]], *, min_sizes: int = 3, budget_r
             log.warning("isoflop: budget C=%.3g has no minimum (parabola opens downwards), skipped", c)
             continue
         coeffs, n_opt, loss_min = res
+        lo, hi = float(N[m].min()), float(N[m].max())
+        if not lo <= n_opt <= hi:  # the vertex is an extrapolation: this budget did not resolve its minimum
+            reason = (f"loss minimum outside the swept sizes [{lo:.3g}, {hi:.3g}] (parabola vertex at N={n_opt:.3g}); "
+                      f"sweep {'smaller' if n_opt < lo else 'larger'} sizes to bracket it")
+            log.info("isoflop: budget C=%.3g skipped: %s", c, reason)
+            skipped.append({"C": c, "reason": reason})
+            continue
         budgets.append({"C": c, "N_opt": n_opt, "D_opt": c / (FLOPS_PER_PARAM_TOKEN * n_opt), "loss_min": loss_min,
                         "coeffs": [float(x) for x in coeffs]})
     if len(budgets) < 2:
@@ -414,7 +429,8 @@ def fit_isoflop(runs: Sequence[Sequence[float]], *, min_sizes: int = 3, budget_r
     logC = np.log([bud["C"] for bud in budgets])
     a, log_G = np.polyfit(logC, np.log([bud["N_opt"] for bud in budgets]), 1)
     b, log_G_D = np.polyfit(logC, np.log([bud["D_opt"] for bud in budgets]), 1)
-    return IsoflopFit(a=float(a), b=float(b), log_G=float(log_G), log_G_D=float(log_G_D), budgets=budgets)
+    return IsoflopFit(a=float(a), b=float(b), log_G=float(log_G), log_G_D=float(log_G_D), budgets=budgets,
+                      skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +535,8 @@ def _to_fit(x: np.ndarray, f: float) -> ParametricFit | None:
     e, la, lb, al, be = (float(v) for v in x)
     if not (al > 0 and be > 0):
         return None
+    if max(e, la, lb, (math.log(al / be) + la - lb) / (al + be)) > 700:  # exp() would overflow: degenerate optimum
+        return None
     return ParametricFit(E=math.exp(e), A=math.exp(la), B=math.exp(lb), alpha=al, beta=be, objective=f,
                          theta=(e, la, lb, al, be))
 
@@ -541,7 +559,7 @@ def fit_parametric(runs: Sequence[Sequence[float]], cfg: FitConfig | None = None
     best = _minimize_from(starts, logN, logD, logL, cfg)
     fit = None if best is None else _to_fit(*best)
     if fit is None:
-        log.warning("parametric fit failed: no start reached finite parameters with alpha, beta > 0")
+        log.info("parametric fit: no start reached finite parameters with alpha, beta > 0")
     return fit
 
 
@@ -681,7 +699,11 @@ def fit_scaling(cfg: FitConfig, runs_csv: Path, out_dir: Path, target_budget: fl
     except DataValidationError as err:
         log.warning("isoflop fit failed: %s", err)
         iso = None
+    for skip in iso.skipped if iso else []:
+        log.warning("isoflop: budget C=%.3g left out: %s", skip["C"], skip["reason"])
     par = fit_parametric(runs, cfg)
+    if par is None:
+        log.warning("parametric fit failed: no start reached finite parameters with alpha, beta > 0")
     fit = ScalingFit(isoflop=iso, parametric=par)
     rec = recommend(fit, target_budget)
     ci = bootstrap_ci(runs, cfg, par)
@@ -695,6 +717,10 @@ def fit_scaling(cfg: FitConfig, runs_csv: Path, out_dir: Path, target_budget: fl
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_isoflop(runs, iso, out_dir / "isoflop.png", cfg.budget_rtol)
+    # fit.json keeps its contract exactly; what was left out and why goes beside it
+    write_json_atomic(out_dir / "diagnostics.json", {"isoflop_skipped": iso.skipped if iso else [],
+                                                      "isoflop_failed": iso is None, "parametric_failed": par is None,
+                                                      "bootstrap_failed": ci["failed"], "runs": len(runs)})
     write_json_atomic(out_dir / "fit.json", result)
     log.info("scaling fit: parametric a=%s b=%s, isoflop a=%s; recommend N=%.3g D=%.3g for C=%.3g",
              result["parametric"]["a"], result["parametric"]["b"], result["isoflop"]["a"], rec["N"], rec["D"], rec["C"])

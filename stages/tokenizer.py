@@ -129,6 +129,9 @@ class TokenizeConfig(StageConfig):
 
     heldout_fraction: float = Field(0.02, description="fraction of documents (hash of the id, repeat suffix "
                                                       "'#N' stripped) sent to the heldout split")
+    heldout_min_docs: int = Field(1, ge=0, description="hold out at least this many documents of every source "
+                                  "(lowest hashes first; never more than half of a source's documents), so the "
+                                  "held-out loss is reported per source")
     add_bos: bool = Field(False, description="prepend <|begin_of_text|> to every document (eos is always appended)")
     batch_docs: int = Field(1024, description="documents per encode_batch call (Rust, parallel)")
     seed: int = Field(0, description="salt of the heldout hash")
@@ -357,6 +360,31 @@ def split_of(doc_id: str, heldout_fraction: float, seed: int = 0) -> str:
     return "heldout" if _unit_hash("heldout", seed, base_id(doc_id)) < heldout_fraction else "train"
 
 
+def heldout_ids(cfg: TokenizeConfig, files: list[Path]) -> set[str]:
+    """Base ids of the held-out documents: ``split_of`` per id, topped up per source to ``heldout_min_docs``.
+
+    One pass over the ids (repeats of a document share its base id, so all copies land in one split).
+    ``heldout_fraction == 0`` holds nothing out.
+    """
+    if cfg.heldout_fraction == 0:
+        return set()
+    by_source: dict[str, dict[str, float]] = {}
+    for doc in iter_docs(files):
+        if doc.text:
+            bid = base_id(doc.id)
+            by_source.setdefault(doc.source, {})[bid] = _unit_hash("heldout", cfg.seed, bid)
+    held: set[str] = set()
+    for hashes in by_source.values():
+        chosen = {b for b, h in hashes.items() if h < cfg.heldout_fraction}
+        want = min(cfg.heldout_min_docs, len(hashes) // 2)
+        for b in sorted(hashes, key=hashes.__getitem__):
+            if len(chosen) >= want:
+                break
+            chosen.add(b)
+        held |= chosen
+    return held
+
+
 class _SplitWriter:
     def __init__(self, folder: Path, dtype: np.dtype):
         folder.mkdir(parents=True)
@@ -420,13 +448,14 @@ def tokenize_corpus(cfg: TokenizeConfig, tokenizer_dir: Path, inputs: list[Path]
     with atomic_dir(out_dir) as tmp:
         writers = {s: _SplitWriter(tmp / s, dtype) for s in SPLITS}
         prefix = [bos_id] if cfg.add_bos else []
+        held = heldout_ids(cfg, files)
         batch: list[Doc] = []
 
         def flush() -> None:
             encs = _encode_batch(tok, [d.text for d in batch])
             for d, e in zip(batch, encs):
                 ids = np.asarray(prefix + e.ids + [eos_id], dtype=np.int64)
-                writers[split_of(d.id, cfg.heldout_fraction, cfg.seed)].add(ids, d.source)
+                writers["heldout" if base_id(d.id) in held else "train"].add(ids, d.source)
             batch.clear()
 
         for doc in iter_docs(files):

@@ -14,23 +14,27 @@ import mlflow
 from prefect import task
 
 from stages.common import config_hash
-from stages.model import ModelConfig, num_params
+from stages.model import ModelConfig, num_params, scaling_params
 from stages.pretrain import PretrainConfig, TokenSplit, pretrain
+from stages.scaling import SweepConfig
 from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, run_url, stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The history of", "def main(", "Four score and seven years ago", "A dictionary is"]
 
 
-def choose_model(size: str, fit: dict | None, vocab: int, cfg: PretrainConfig) -> tuple[ModelConfig, PretrainConfig]:
-    """``size`` is a flavour name, or ``auto``: N and D from the scaling fit's recommendation."""
+def choose_model(size: str, fit: dict | None, vocab: int, cfg: PretrainConfig,
+                 sweep: SweepConfig) -> tuple[ModelConfig, PretrainConfig]:
+    """``size`` is a flavour name, or ``auto``: N and D from the scaling fit's recommendation, N mapped onto
+    a shape by the sweep's rule (``head_dim``, ``aspect``) so the model is one the fit has seen the like of."""
     if size != "auto":
         return ModelConfig.from_flavour(size, max_seq_len=max(cfg.seq_len, 128)), cfg
     if not fit:
         raise ValueError("model size 'auto' needs a scaling fit: run `herd scaling sweep` and `herd scaling fit` "
                          "first, or name a flavour (debug, tiny, small, 7b)")
     rec = fit["recommendation"]
-    model_cfg = ModelConfig.for_params(rec["N"], vocab_size=vocab, head_dim=8, max_seq_len=max(cfg.seq_len, 128))
+    model_cfg = ModelConfig.for_params(rec["N"], vocab_size=vocab, head_dim=sweep.head_dim, aspect=sweep.aspect,
+                                       max_seq_len=max(cfg.seq_len, 128))
     return model_cfg, cfg.derive(max_tokens=max(cfg.batch_tokens, int(rec["D"])), steps=None)
 
 
@@ -52,14 +56,15 @@ def _samples(model_dir: Path, tokenizer_dir: str, n_tokens: int = 40) -> list[di
 
 
 @task(task_run_name="pretrain-{size}")
-def pretrain_task(cfg: PretrainConfig, size: str, fit: dict | None, data: dict, tokenizer: dict, store: str,
-                  nproc: int, parent_run_id: str | None) -> dict:
+def pretrain_task(cfg: PretrainConfig, size: str, fit: dict | None, sweep: SweepConfig, data: dict, tokenizer: dict,
+                  store: str, nproc: int, parent_run_id: str | None) -> dict:
     vocab = TokenSplit(data["train"]).vocab_size
-    model_cfg, run_cfg = choose_model(size, fit, vocab, cfg)
+    model_cfg, run_cfg = choose_model(size, fit, vocab, cfg, sweep)
     out = Path(store) / "pretrain" / config_hash("pretrain", run_cfg, model_cfg, data["train"], nproc)
     with stage_run("pretrain/train", run_cfg, parent_run_id, tags={"herd.model_size": size}) as rid:
         mlflow.log_params({f"model.{k}": v for k, v in model_cfg.model_dump(mode="json").items()}
-                          | {"model.num_params": num_params(model_cfg, vocab), "nproc": nproc})
+                          | {"model.num_params": num_params(model_cfg, vocab),
+                             "model.scaling_params": scaling_params(model_cfg, vocab), "nproc": nproc})
         if nproc > 1:  # torchrun: DDP on gloo (CPU) or nccl (GPU); rank 0 writes result.json
             spec = {"pretrain": run_cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json")}
             proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -76,7 +81,8 @@ def pretrain_task(cfg: PretrainConfig, size: str, fit: dict | None, data: dict, 
                                                "tokens", "steps", "flops_per_token")
                    if isinstance(res.get(k), (int, float))}
         metrics |= {f"heldout_loss_{s}": float(v) for s, v in (res.get("heldout_loss_by_source") or {}).items()}
-        metrics |= {"num_params": float(num_params(model_cfg, vocab)), "total_params": float(res.get("num_params", 0))}
+        metrics |= {"num_params": float(num_params(model_cfg, vocab)), "total_params": float(res.get("num_params", 0)),
+                    "scaling_params": float(scaling_params(model_cfg, vocab))}
         mlflow.log_metrics(metrics)
         log_dataset("tokens-train", data["train"], data.get("digest", ""), "input")
         log_dataset("tokens-heldout", data["heldout"], data.get("digest", ""), "input")
@@ -96,4 +102,5 @@ def pretrain_task(cfg: PretrainConfig, size: str, fit: dict | None, data: dict, 
     return {**{k: res.get(k) for k in ("final_loss", "heldout_loss", "heldout_loss_by_source", "tokens",
                                        "tokens_per_s", "mfu", "model_dir")},
             "num_params": num_params(model_cfg, vocab), "total_params": res.get("num_params"),
+            "scaling_params": scaling_params(model_cfg, vocab),
             "size": size, "model": model_cfg.model_dump(mode="json"), "samples": samples}

@@ -19,14 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @task(task_run_name="sweep-C{run[C]:.1e}-N{run[N]}")
-def sweep_run_task(run: dict, train: dict, data: dict, store: str, parent_run_id: str | None) -> dict:
-    """Train one (N, D) model of the sweep in its own process (one core each), return its held-out loss."""
-    key = config_hash("sweep-run", run, train, data["train"])
+def sweep_run_task(run: dict, train: dict, shape: dict, data: dict, store: str, parent_run_id: str | None) -> dict:
+    """Train one (N, D) model of the sweep in its own process (one core each), return its held-out loss.
+
+    ``shape`` is ``{"head_dim", "aspect"}``: how N maps onto a model shape (``ModelConfig.for_params``)."""
+    key = config_hash("sweep-run", run, train, shape, data["train"])
     out = Path(store) / "sweep" / key
     result_file = out / "result.json"
     if not result_file.exists():
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        spec = {"run": run, "train": train, "data": data, "out": str(out)}
+        spec = {"run": run, "train": train, "data": data, "out": str(out), **shape}
         proc = subprocess.run([sys.executable, "-m", "tasks.sweep_worker", json.dumps(spec)], cwd=ROOT, env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:

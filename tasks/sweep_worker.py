@@ -1,7 +1,7 @@
 """One IsoFLOP sweep run in its own process (one core): ``python -m tasks.sweep_worker SPEC_JSON``.
 
-The model has about N non-embedding parameters (the shape from ``ModelConfig.for_params``) and trains
-on D = C / (6 N) tokens; the result (held-out loss, actual N and D) is written to ``<out>/result.json``.
+The model has about N scaling parameters (non-embedding + output head, ``stages.model.scaling_params``;
+the shape from ``ModelConfig.for_params``) and trains on D = C / (6 N) tokens; the result (held-out loss, actual N and D) is written to ``<out>/result.json``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from stages.common import write_json_atomic
-from stages.model import ModelConfig, num_params
+from stages.model import ModelConfig, scaling_params
 from stages.pretrain import PretrainConfig, TokenSplit, pretrain
 
 
@@ -20,9 +20,9 @@ def main(spec_json: str) -> None:
     run, out = spec["run"], Path(spec["out"])
     train_cfg = PretrainConfig.model_validate(spec["train"])
     vocab = TokenSplit(spec["data"]["train"]).vocab_size
-    model_cfg = ModelConfig.for_params(run["N"], vocab_size=vocab, head_dim=spec.get("head_dim", 8),
+    model_cfg = ModelConfig.for_params(run["N"], vocab_size=vocab, head_dim=spec["head_dim"], aspect=spec["aspect"],
                                        max_seq_len=max(train_cfg.seq_len, 128))
-    n = num_params(model_cfg, vocab)
+    n = scaling_params(model_cfg, vocab)
     tokens = max(train_cfg.batch_tokens, int(run["C"] / (6 * n)))
     cfg = train_cfg.derive(max_tokens=tokens, steps=None, num_threads=1)
     res = pretrain(cfg, model_cfg, spec["data"]["train"], spec["data"]["heldout"], out / "train")

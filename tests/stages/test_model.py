@@ -13,6 +13,7 @@ from stages.model import (
     mfu,
     num_params,
     packed_inputs,
+    scaling_params,
 )
 
 
@@ -39,15 +40,20 @@ def test_invalid_configs_name_the_field():
         ModelConfig(attn_implementation="flash")
 
 
-def test_for_params_hits_the_target():
-    for n in (1e6, 1e7, 1e8):
-        cfg = ModelConfig.for_params(n)
-        assert 0.7 < num_params(cfg, 32000) / n < 1.4
+def test_for_params_hits_the_target_counting_the_output_head():
+    for n, vocab, head_dim in ((1e7, 32000, 64), (1e8, 32000, 64), (3e4, 1024, 8), (2e5, 1024, 8)):
+        cfg = ModelConfig.for_params(n, vocab_size=vocab, head_dim=head_dim)
+        assert scaling_params(cfg, vocab) == num_params(cfg, vocab) + cfg.dim * vocab
+        assert 0.85 < scaling_params(cfg, vocab) / n < 1.15, (n, cfg)
+    # more parameters never means a narrower model with fewer layers
+    a, b = (ModelConfig.for_params(n, vocab_size=1024, head_dim=8, aspect=16) for n in (3e4, 3e5))
+    assert b.dim >= a.dim and b.n_layers >= a.n_layers
 
 
 def test_flops_and_mfu_formula():
     cfg = ModelConfig.from_flavour("debug")
     n = num_params(cfg, 100) + cfg.dim * 100
+    assert scaling_params(cfg, 100) == n
     assert flops_per_token(cfg, 128, 100) == 6 * n + 12 * cfg.n_layers * cfg.dim * 128
     assert mfu(1000.0, 1e6, 1e10) == pytest.approx(0.1)
     assert mfu(1000.0, 1e6, 0.0) == 0.0
@@ -70,7 +76,7 @@ def test_packed_inputs_mask_and_positions():
     assert eager_mask.dtype == torch.float32 and eager_mask[0, 0, 3, 0] < -1e30 and eager_mask[0, 0, 3, 2] == 0
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
 def test_document_in_a_pack_matches_running_it_alone(impl):
     cfg = ModelConfig.from_flavour("debug", attn_implementation=impl)
     model = build_model(cfg, 100, seed=0).eval()

@@ -176,6 +176,17 @@ def test_isoflop_recovers_exponents(runs):
         assert abs(math.log(bud["N_opt"] / n_true)) < 0.25
 
 
+def test_isoflop_skips_a_budget_whose_minimum_is_not_bracketed(runs):
+    budgets = sorted({r[2] for r in runs})
+    c = budgets[-1]
+    n_true = fit_isoflop(runs).budgets[-1]["N_opt"]
+    # the largest budget swept only below its optimum: the parabola's vertex would be an extrapolation
+    below = [(n, c / (6 * n), c, float(true_loss(n, c / (6 * n)))) for n in (n_true / 16, n_true / 8, n_true / 4)]
+    iso = fit_isoflop([r for r in runs if r[2] != c] + below)
+    assert [b["C"] for b in iso.budgets] == pytest.approx(budgets[:-1])
+    assert iso.a == pytest.approx(A_TRUE, abs=0.05)
+
+
 def test_isoflop_needs_two_budgets(runs):
     one_budget = [r for r in runs if r[2] == runs[0][2]]
     with pytest.raises(DataValidationError, match="2 budgets"):
@@ -282,6 +293,8 @@ def test_fit_scaling_contract_png_determinism(tmp_path, runs, quick_cfg):
     assert set(on_disk["parametric"]) == {"E", "A", "B", "alpha", "beta", "a", "b"}
     assert set(on_disk["recommendation"]) == {"C", "N", "D"}
     assert all(set(b) == {"C", "N_opt", "D_opt", "loss_min", "coeffs"} for b in on_disk["isoflop"]["budgets"])
+    diag = json.loads((tmp_path / "out" / "diagnostics.json").read_text())
+    assert diag["isoflop_skipped"] == [] and diag["runs"] == len(runs) and not diag["parametric_failed"]
     assert set(on_disk["ci"]["parametric"]) == {"alpha", "beta", "a", "b"}
     assert set(on_disk["ci"]["isoflop"]) == {"a", "b"}
     assert on_disk["parametric"]["alpha"] == pytest.approx(ALPHA, abs=0.03)
@@ -297,3 +310,13 @@ def test_fit_scaling_rejects_bad_target(tmp_path, runs, quick_cfg):
     write_runs(runs, csv_path)
     with pytest.raises(ConfigError, match="target_budget"):
         fit_scaling(quick_cfg, csv_path, tmp_path / "out", target_budget=0.0)
+
+
+def test_a_degenerate_optimum_is_a_failed_fit_not_an_overflow():
+    from stages.scaling import _to_fit
+
+    # a bootstrap replicate of the demo's sweep drove ln A past exp()'s range (OverflowError before)
+    assert _to_fit(np.array([1.2, 900.0, 16.0, 0.2, 1.3]), 0.0) is None
+    assert _to_fit(np.array([1.2, 2.4, 16.0, -0.2, 1.3]), 0.0) is None
+    ok = _to_fit(np.array([0.5, 6.0, 6.1, 0.34, 0.28]), 0.0)
+    assert ok is not None and ok.E == pytest.approx(math.exp(0.5))

@@ -22,6 +22,8 @@ from stages.tokenizer import (
     TokenShard,
     base_id,
     compression,
+    heldout_ids,
+    input_files,
     split_of,
     tokenize_corpus,
     train_tokenizer,
@@ -180,7 +182,15 @@ def test_tokenize_corpus_boundaries_and_splits(tmp_path, tok_dir, corpus):
     assert man["tokens_per_s"] > 0
 
     by_id = {d["id"]: d for d in docs}
-    expect = {s: [d for d in _read_order(mix) if split_of(d["id"], 0.2) == s] for s in ("train", "heldout")}
+    held = heldout_ids(cfg, input_files([mix]))
+    # the hash picks a fraction; every source with >= 2 documents is topped up to one held-out document
+    assert {base_id(d["id"]) for d in docs if split_of(d["id"], 0.2) == "heldout"} <= held
+    for source in {d["source"] for d in docs}:
+        n_src = len({base_id(d["id"]) for d in docs if d["source"] == source})
+        n_held = len({base_id(d["id"]) for d in docs if d["source"] == source and base_id(d["id"]) in held})
+        assert n_src >= 2 and n_held >= 1
+    expect = {s: [d for d in _read_order(mix) if ("heldout" if base_id(d["id"]) in held else "train") == s]
+              for s in ("train", "heldout")}
     seen_split: dict[str, set[str]] = {}
     for split in ("train", "heldout"):
         shard = TokenShard(tmp_path / "shards" / split)
@@ -258,3 +268,20 @@ def test_missing_source_is_reported(tmp_path, tok_dir, caplog):
     with caplog.at_level(logging.INFO), pytest.raises(DataValidationError, match="line 1.*'source'"):
         tokenize_corpus(TokenizeConfig(), tok_dir, [bad], tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_heldout_tops_up_small_sources_but_never_takes_a_whole_source(tmp_path):
+    docs = [{"id": f"web-{i}", "text": f"web page {i}", "source": "web"} for i in range(40)]
+    docs += [{"id": "book-0", "text": "a lone book", "source": "books"}]
+    docs += [{"id": f"qa-{i}", "text": f"question {i}", "source": "qa"} for i in range(2)]
+    docs += [{"id": "qa-0#2", "text": "question 0", "source": "qa"}]  # a repeat follows its document
+    mix = _write_mix(tmp_path / "mix", [dict(d, url="", metadata={}) for d in docs], shards=1)
+    files = input_files([mix])
+    held = heldout_ids(TokenizeConfig(heldout_fraction=1e-9, heldout_min_docs=1), files)
+    assert "book-0" not in held  # one document: it stays in train
+    assert len([b for b in held if b.startswith("qa-")]) == 1
+    assert len([b for b in held if b.startswith("web-")]) == 1
+    held3 = heldout_ids(TokenizeConfig(heldout_fraction=1e-9, heldout_min_docs=3), files)
+    assert len([b for b in held3 if b.startswith("web-")]) == 3 and held <= held3
+    assert heldout_ids(TokenizeConfig(heldout_fraction=1e-9, heldout_min_docs=0), files) == set()
+    assert heldout_ids(TokenizeConfig(heldout_fraction=0.0, heldout_min_docs=3), files) == set()
