@@ -20,6 +20,8 @@ tok_app = typer.Typer(help="Byte-level BPE tokenizer.", no_args_is_help=True)
 app.add_typer(tok_app, name="tokenizer")
 scaling_app = typer.Typer(help="IsoFLOP sweeps and scaling-law fits.", no_args_is_help=True)
 app.add_typer(scaling_app, name="scaling")
+pref_app = typer.Typer(help="Preference batches: ingest annotation exports, scan the inbox.", no_args_is_help=True)
+app.add_typer(pref_app, name="preferences")
 
 PRESET_HELP = "config preset: smoke (seconds), tiny (the demo default)"
 
@@ -226,7 +228,7 @@ def scaling_sweep(config: Optional[Path] = typer.Option(None, help="YAML overrid
     from flows.pretraining import scaling_sweep_flow
     from stages.scaling import plan_sweep
 
-    res = _with_bar(-(-len(plan_sweep(cfg.sweep)) // cfg.sweep_workers), "sweep",
+    res = _with_bar(len(plan_sweep(cfg.sweep)), "sweep",
                     lambda: scaling_sweep_flow(cfg, str(data) if data else None, str(output) if output else None))
     typer.echo(Path(res["runs_csv"]).read_text())
     typer.echo(f"runs: {res['runs_csv']}")
@@ -269,6 +271,45 @@ def pretrain(config: Optional[Path] = typer.Option(None, help="YAML overrides of
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "model"}, indent=2, default=str))
 
 
+@pref_app.command("ingest")
+def preferences_ingest(file: Path = typer.Argument(..., help="annotation export: JSONL (.jsonl, .jsonl.gz) or Parquet"),
+                       batch_id: Optional[str] = typer.Option(None, "--batch-id",
+                                                              help="name of the new batch (default: date + digest)")) -> None:
+    """Validate FILE into a new preference batch; print {"batch_id", "accepted", "quarantined", "duplicates"}."""
+    import contextlib
+
+    _setup()
+    from flows.preferences import preference_ingest_flow
+    from stages.errors import HerdError
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+            res = preference_ingest_flow(str(file.resolve()), batch_id)
+    except HerdError as exc:
+        _fail(exc)
+    typer.echo(json.dumps({k: res[k] for k in ("batch_id", "accepted", "quarantined", "duplicates")}))
+
+
+@pref_app.command("inbox")
+def preferences_inbox(inbox: Optional[str] = typer.Option(None, help="folder or fsspec URL "
+                                                           "(default: $HERD_HOME/preferences/inbox)")) -> None:
+    """Ingest every new or changed export in the inbox; print one JSON line per file."""
+    import contextlib
+
+    _setup()
+    from flows.preferences import preference_inbox_flow
+    from stages.errors import HerdError
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            res = preference_inbox_flow(inbox)
+    except HerdError as exc:
+        _fail(exc)
+    for r in res["ingested"]:
+        typer.echo(json.dumps({k: r[k] for k in ("file", "batch_id", "accepted", "quarantined", "duplicates")}))
+    typer.secho(f"{len(res['ingested'])} new file(s) in {res['inbox']}", err=True)
+
+
 @app.command()
 def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
          config: Optional[Path] = typer.Option(None, help="YAML overrides of the pipeline config")) -> None:
@@ -283,7 +324,7 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
         from stages.scaling import plan_sweep
 
         p = cfg.pretraining
-        n_scaling = (-(-len(plan_sweep(p.sweep)) // p.sweep_workers) + 1) if p.size == "auto" else 0
+        n_scaling = (len(plan_sweep(p.sweep)) + 1) if p.size == "auto" else 0
         res = _with_bar(len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling, "demo", lambda: pipeline_flow(cfg))
     except HerdError as exc:
         _fail(exc)

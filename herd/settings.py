@@ -48,6 +48,11 @@ class Settings:
         return self.home / "data"
 
     @property
+    def preferences(self) -> Path:
+        """Preference batches (``batches/``), quarantine, and the default annotation ``inbox/``."""
+        return self.home / "preferences"
+
+    @property
     def mlflow_ui_url(self) -> str:
         return self.mlflow_tracking_uri if self.mlflow_tracking_uri.startswith("http") else ""
 

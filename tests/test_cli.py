@@ -49,7 +49,7 @@ def test_bad_config_file_names_file_and_field(env, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_up_curate_down(env, tmp_path: Path) -> None:
+def test_up_curate_ingest_down(env, tmp_path: Path) -> None:
     res = _run(env, "up", timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     status = json.loads(_run(env, "status").stdout)
@@ -81,6 +81,22 @@ def test_up_curate_down(env, tmp_path: Path) -> None:
     assert rejected["keep-me"] == "exact_dup"
     assert rejected["short"] in {"gopher_quality", "gopher_repetition", "c4", "fineweb"}  # a heuristic rule
     assert len(rejected) == 2
+
+    # preference ingest: stdout is exactly one JSON object; the same content again adds nothing
+    pref = tmp_path / "export.jsonl"
+    good = {"prompt": "Name a river.", "chosen": "The Danube.", "rejected": "No.", "edited": None,
+            "rating": "better", "category": "helpfulness", "annotator_id": "a1"}
+    pref.write_text(json.dumps(good) + "\n\n" + json.dumps(dict(good, rating="meh")) + "\n"
+                    + json.dumps(dict(good, id="x")) + "\n")
+    res = _run(env, "preferences", "ingest", str(pref), "--batch-id", "week-1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout) == {"batch_id": "week-1", "accepted": 1, "quarantined": 1, "duplicates": 1}
+    again = _run(env, "preferences", "ingest", str(pref))
+    assert json.loads(again.stdout) == {"batch_id": None, "accepted": 0, "quarantined": 1, "duplicates": 2}
+    missing = _run(env, "preferences", "ingest", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
+    batch = Path(env["HERD_HOME"]) / "preferences" / "batches" / "week-1"
+    assert (batch / "data.parquet").is_file() and json.loads((batch / "manifest.json").read_text())["rows"] == 1
 
     res = _run(env, "down")
     assert res.returncode == 0 and "prefect" in res.stdout and "mlflow" in res.stdout
