@@ -1,0 +1,286 @@
+"""Reward models (Llama 2, section 3.2.2): helpfulness and safety RMs trained on preference batches.
+
+Each RM is the SFT model's trunk with a scalar regression head (``LlamaForSequenceClassification``,
+one label), initialised from the SFT checkpoint, scoring the chat rendering of (prompt, response) at
+its last token. Loss: ``-log sigmoid(r(x, y_c) - r(x, y_r) - m(rating))`` with the Table 27 margin
+(``stages.losses``). An ``edited`` response (Llama 3) adds the pairs edited > chosen and
+edited > rejected, without margin.
+
+Data mix per RM (Llama 2): the safety RM trains on its own category plus about 10% helpfulness pairs
+(90/10); the helpfulness RM on all helpfulness pairs plus an equal part of safety pairs
+(``other_ratio``). One epoch, AdamW (0.9, 0.95, eps 1e-5), weight decay 0.1, cosine to 10% of the
+peak, warmup 3% of the steps with a minimum of 5, gradient clipping 1.0.
+
+Evaluation on held-out pairs (a hash of each record's digest, per batch): accuracy overall, per
+rating level (Llama 2 Table 8), per batch and per category.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, read_manifest, write_json_atomic
+from stages.errors import DataValidationError
+from stages.losses import margin_for, pair_accuracy, ranking_loss
+from stages.preferences import RATINGS, read_batch, record_from_row
+from stages.pretrain import lr_factor
+
+log = logging.getLogger(__name__)
+
+
+class RMConfig(StageConfig):
+    """Optimisation and data mix of one reward model."""
+
+    category: str = Field("helpfulness", pattern="^(helpfulness|safety)$", description="which RM this is")
+    other_ratio: float = Field(1.0, ge=0, description="pairs of the other category per pair of this one (Llama 2: "
+                               "helpfulness RM equal parts, safety RM 10/90)")
+    margin: str = Field("small", pattern="^(small|large|none)$", description="Table 27 margin variant")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (Llama 2: 1e-5; 5e-6 at 70B)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of the peak")
+    warmup_fraction: float = Field(0.03, ge=0, lt=1, description="warmup steps as a share of all steps")
+    min_warmup_steps: int = Field(5, ge=0, description="at least this many warmup steps")
+    batch_pairs: int = Field(512, ge=1, description="pairs per optimizer step (Llama 2: 512 pairs)")
+    micro_pairs: int = Field(8, ge=1, description="pairs per forward/backward")
+    epochs: float = Field(1.0, gt=0, description="passes over the training pairs (Llama 2: 1; longer overfits)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip")
+    max_tokens: int = Field(256, ge=16, description="prompt + response tokens scored (the prompt is cut from the left)")
+    heldout_fraction: float = Field(0.15, ge=0, lt=1, description="pairs of every batch held out for evaluation")
+    num_threads: int = Field(0, ge=0, description="torch threads (0: leave the default)")
+    seed: int = Field(0, description="data order and head init")
+
+
+def _rm(category: str, other_ratio: float) -> RMConfig:
+    return RMConfig(category=category, other_ratio=other_ratio)
+
+
+class RewardsConfig(StageConfig):
+    """The two reward models (Llama 2 data mixes: helpfulness equal parts, safety 90/10)."""
+
+    helpfulness: RMConfig = Field(default_factory=lambda: _rm("helpfulness", 1.0), description="helpfulness RM")
+    safety: RMConfig = Field(default_factory=lambda: _rm("safety", 1.0 / 9.0), description="safety RM")
+
+
+class Pair(BaseModel):
+    prompt: Any
+    chosen: str
+    rejected: str
+    margin: float
+    rating: str
+    category: str
+    batch_id: str
+    digest: str
+    kind: str = "chosen>rejected"
+
+
+def _unit(*parts: Any) -> float:
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16) / 16**15
+
+
+def batch_pairs(batch_dir: str | Path, margin: str) -> list[Pair]:
+    """Ranked pairs of one stored batch: chosen > rejected with its margin; edited > chosen, edited > rejected."""
+    batch_dir = Path(batch_dir)
+    out = []
+    for row in read_batch(batch_dir):
+        rec = record_from_row(row)
+        common = dict(prompt=rec.prompt if isinstance(rec.prompt, str) else rec.messages(), rating=rec.rating,
+                      category=rec.category, batch_id=batch_dir.name, digest=row["record_sha256"])
+        out.append(Pair(chosen=rec.chosen, rejected=rec.rejected, margin=margin_for(rec.rating, margin), **common))
+        if rec.edited is not None:
+            out.append(Pair(chosen=rec.edited, rejected=rec.chosen, margin=0.0, kind="edited>chosen", **common))
+            out.append(Pair(chosen=rec.edited, rejected=rec.rejected, margin=0.0, kind="edited>rejected", **common))
+    return out
+
+
+def split_pairs(pairs: Sequence[Pair], heldout_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """(train, heldout) by a hash of the record digest: all pairs of one record land on one side."""
+    train, held = [], []
+    for p in pairs:
+        (held if _unit("rm-heldout", seed, p.digest) < heldout_fraction else train).append(p)
+    return train, held
+
+
+def mix_pairs(pairs: Sequence[Pair], cfg: RMConfig) -> list[Pair]:
+    """All pairs of ``cfg.category`` plus ``other_ratio`` times as many of the other category (sampled)."""
+    own = [p for p in pairs if p.category == cfg.category]
+    other = [p for p in pairs if p.category != cfg.category]
+    rng = random.Random(f"rm-mix/{cfg.seed}/{cfg.category}")
+    k = min(len(other), round(cfg.other_ratio * len(own)))
+    mixed = own + rng.sample(other, k)
+    rng.shuffle(mixed)
+    return mixed
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def encode(tok, prompt: Any, response: str, max_tokens: int) -> list[int]:
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    ids = tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=True,
+                                  return_dict=False)
+    return list(ids)[-max_tokens:]
+
+
+def _batch(tok, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    pad = tok.pad_token_id
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    return ids, mask
+
+
+def load_reward_model(model_dir: str | Path, *, from_causal_lm: bool = False, seed: int = 0):
+    """``(model, tokenizer)``: a saved RM, or (``from_causal_lm``) a new RM on a causal LM's trunk."""
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    model_dir = Path(model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a causal LM's lm_head is expected to be unused, the score head new
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForSequenceClassification.from_pretrained(
+                model_dir, num_labels=1, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.use_cache = False
+    if from_causal_lm:
+        torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(model.config.hidden_size + 1))
+    return model, tok
+
+
+@torch.no_grad()
+def score(model, tok, prompts: Sequence[Any], responses: Sequence[str], max_tokens: int = 256,
+          batch_size: int = 16) -> np.ndarray:
+    """Scalar rewards of (prompt, response) pairs, shape (n,)."""
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [encode(tok, p, r, max_tokens) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        ids, mask = _batch(tok, seqs)
+        out.append(model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def evaluate_pairs(model, tok, pairs: Sequence[Pair], max_tokens: int = 256) -> dict[str, Any]:
+    """Accuracy overall, per rating level (Table 8), per batch and per category, on chosen>rejected pairs."""
+    pairs = [p for p in pairs if p.kind == "chosen>rejected"]
+    if not pairs:
+        return {"pairs": 0, "accuracy": None, "by_rating": {}, "by_batch": {}, "by_category": {}}
+    rc = score(model, tok, [p.prompt for p in pairs], [p.chosen for p in pairs], max_tokens)
+    rr = score(model, tok, [p.prompt for p in pairs], [p.rejected for p in pairs], max_tokens)
+    right = rc > rr
+
+    def acc(sel) -> dict[str, float]:
+        idx = [i for i, p in enumerate(pairs) if sel(p)]
+        return {"accuracy": float(right[idx].mean()), "pairs": len(idx)} if idx else {"accuracy": None, "pairs": 0}
+
+    return {"pairs": len(pairs), "accuracy": float(right.mean()),
+            "by_rating": {r: acc(lambda p, r=r: p.rating == r) for r in RATINGS},
+            "by_batch": {b: acc(lambda p, b=b: p.batch_id == b) for b in sorted({p.batch_id for p in pairs})},
+            "by_category": {c: acc(lambda p, c=c: p.category == c) for c in sorted({p.category for p in pairs})},
+            "mean_margin": float((rc - rr).mean())}
+
+
+class RMResult(BaseModel):
+    model_dir: str
+    category: str
+    steps: int
+    train_pairs: int
+    final_loss: float
+    heldout: dict[str, Any]
+    batches: list[str]
+
+
+def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence[str | Path], out_dir: str | Path,
+                       *, sink: MetricsSink = NULL_SINK) -> RMResult:
+    """Train one RM from ``init_dir`` (the SFT model folder, with tokenizer) on the stored batches."""
+    out_dir = Path(out_dir)
+    done = read_manifest(out_dir)
+    if done is not None and "result" in done:
+        return RMResult.model_validate(done["result"])
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    pairs = [p for d in batch_dirs for p in batch_pairs(d, cfg.margin)]
+    train, held = split_pairs(pairs, cfg.heldout_fraction)
+    train = mix_pairs(train, cfg)
+    held = [p for p in held if p.category == cfg.category]
+    if not train:
+        raise DataValidationError(f"no training pairs for the {cfg.category} RM in {len(batch_dirs)} batch(es)",
+                                  field="category")
+    model, tok = load_reward_model(init_dir, from_causal_lm=True, seed=cfg.seed)
+    model.train()
+    total = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_pairs))
+    warmup = max(cfg.min_warmup_steps, math.ceil(cfg.warmup_fraction * total))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, cfg.min_lr_ratio))
+    rng = random.Random(cfg.seed)
+    order = [train[i % len(train)] for i in range(total * cfg.batch_pairs)] if cfg.epochs > 1 else list(train)
+    if cfg.epochs <= 1:
+        rng.shuffle(order)
+    losses = []
+    for step in range(total):
+        batch = order[step * cfg.batch_pairs:(step + 1) * cfg.batch_pairs]
+        if not batch:
+            break
+        loss_sum, acc_sum = 0.0, 0.0
+        for i in range(0, len(batch), cfg.micro_pairs):
+            mb = batch[i:i + cfg.micro_pairs]
+            seqs = [encode(tok, p.prompt, p.chosen, cfg.max_tokens) for p in mb]
+            seqs += [encode(tok, p.prompt, p.rejected, cfg.max_tokens) for p in mb]
+            ids, mask = _batch(tok, seqs)
+            r = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+            rc, rr = r[: len(mb)], r[len(mb):]
+            margin = torch.tensor([p.margin for p in mb])
+            loss = ranking_loss(rc, rr, margin)
+            (loss * len(mb) / len(batch)).backward()
+            loss_sum += float(loss.detach()) * len(mb)
+            acc_sum += float(pair_accuracy(rc.detach(), rr.detach())) * len(mb)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss_sum / len(batch))
+        sink.log_metrics({"loss": losses[-1], "train_accuracy": acc_sum / len(batch), "lr": lr, "grad_norm": gnorm},
+                         step + 1)
+    heldout = evaluate_pairs(model, tok, held, cfg.max_tokens)
+    if heldout["accuracy"] is not None:
+        sink.log_metrics({"heldout_accuracy": heldout["accuracy"]}, total)
+    result = RMResult(model_dir=str(out_dir / "model"), category=cfg.category, steps=len(losses),
+                      train_pairs=len(train), final_loss=losses[-1], heldout=heldout,
+                      batches=[Path(d).name for d in batch_dirs])
+    with atomic_dir(out_dir / "model") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    write_json_atomic(out_dir / "metrics.json", {"loss_history": losses})
+    write_json_atomic(out_dir / "manifest.json", {"stage": "reward_model", "config": cfg.model_dump(mode="json"),
+                                                  "init_dir": str(init_dir), "result": result.model_dump(mode="json")})
+    log.info("%s RM: %d steps on %d pairs, held-out accuracy %s", cfg.category, len(losses), len(train),
+             heldout["accuracy"])
+    return result
+
+
+def staleness(rm_dir: str | Path, batch_dir: str | Path, cfg: RMConfig) -> dict[str, Any]:
+    """The current RM scored on a new batch before retraining on it (its drop shows the RM is stale)."""
+    model, tok = load_reward_model(rm_dir)
+    pairs = [p for p in batch_pairs(batch_dir, cfg.margin) if p.category == cfg.category]
+    return evaluate_pairs(model, tok, pairs, cfg.max_tokens)
+
