@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.alignment import preference_collect_flow, reward_models_flow, sft_flow
 from flows.curation import curation_flow, data_fetch_flow, mix_flow
 from flows.pretraining import pretrain_flow, scaling_fit_flow, scaling_sweep_flow, tokenizer_flow
 from herd.settings import load_settings
@@ -15,7 +16,8 @@ from tasks.tracking import parent_run
 
 @flow(name="herd-pipeline")
 def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
-    """The end-to-end pipeline: fetch -> curate -> mix -> tokenizer -> IsoFLOP sweep -> fit -> pretrain."""
+    """The end-to-end pipeline: fetch -> curate -> mix -> tokenizer -> IsoFLOP sweep -> fit -> pretrain -> SFT ->
+    (collect a preference batch -> annotate -> ingest -> retrain the reward models) per batch."""
     s = load_settings()
     with parent_run("herd-pipeline", config) as run_id:
         fetched = data_fetch_flow(config.fetch, parent_run_id=run_id)
@@ -32,9 +34,22 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
                                    parent_run_id=run_id)
         model = pretrain_flow(p, tok["tokens"]["path"], str(Path(fit["output"]) / "fit.json") if fit else None,
                               parent_run_id=run_id)
+        tuned = sft_flow(config.sft, model["model_dir"], tok["tokenizer"]["path"], parent_run_id=run_id)
+        rounds = []
+        for k in range(config.preferences.batches):  # the weekly loop: collect, annotate, ingest, retrain RMs
+            preference_collect_flow(config.preferences, tuned["model_dir"], batch_index=k + 1, parent_run_id=run_id)
+            rounds.append(reward_models_flow(config.rewards, tuned["model_dir"], parent_run_id=run_id))
     return {"fetch": {"path": fetched["path"], "docs": fetched["docs"]}, "curation": curated,
             "mix": {k: mixed[k] for k in ("output", "key")},
             "tokenizer": {"path": tok["tokenizer"]["path"], "compression": tok["tokenizer"]["compression"]},
             "scaling": {k: fit[k] for k in ("output", "isoflop", "parametric", "ci", "recommendation")} if fit else None,
             "pretrain": {k: model[k] for k in ("size", "num_params", "scaling_params", "tokens", "final_loss", "heldout_loss",
-                                               "heldout_loss_by_source", "tokens_per_s", "mfu", "model_dir")}}
+                                               "heldout_loss_by_source", "tokens_per_s", "mfu", "model_dir")},
+            "sft": {k: tuned[k] for k in ("model_dir", "steps", "final_loss", "heldout_loss", "tokens")},
+            "reward_rounds": [{"batches": r["batches"], "new_batches": r["new_batches"],
+                               "staleness": {c: [{"batch_id": x["batch_id"], "accuracy": x["accuracy"]} for x in v]
+                                             for c, v in r["staleness"].items()},
+                               "reward_models": {c: {"version": m["version"], "heldout_accuracy": m["heldout"]["accuracy"],
+                                                     "by_rating": {k: v["accuracy"] for k, v in
+                                                                   m["heldout"]["by_rating"].items()}}
+                                                 for c, m in r["reward_models"].items()}} for r in rounds]}

@@ -106,4 +106,5 @@ def pretrain_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | 
         res = pretrain_task(config.train, config.size, fit_obj, config.sweep, data, tokenizer, str(s.store),
                             config.nproc, run_id)
         report("pretrain", {})
+    set_latest(s.home, model=res["model_dir"])
     return res

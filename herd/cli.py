@@ -20,8 +20,11 @@ tok_app = typer.Typer(help="Byte-level BPE tokenizer.", no_args_is_help=True)
 app.add_typer(tok_app, name="tokenizer")
 scaling_app = typer.Typer(help="IsoFLOP sweeps and scaling-law fits.", no_args_is_help=True)
 app.add_typer(scaling_app, name="scaling")
-pref_app = typer.Typer(help="Preference batches: ingest annotation exports, scan the inbox.", no_args_is_help=True)
+pref_app = typer.Typer(help="Preference batches: collect pairs to annotate, ingest exports, scan the inbox.",
+                       no_args_is_help=True)
 app.add_typer(pref_app, name="preferences")
+rm_app = typer.Typer(help="Helpfulness and safety reward models.", no_args_is_help=True)
+app.add_typer(rm_app, name="rewards")
 
 PRESET_HELP = "config preset: smoke (seconds), tiny (the demo default)"
 
@@ -108,7 +111,8 @@ def status() -> None:
 
 @app.command("config")
 def show_config(preset: str = typer.Option("tiny", help=PRESET_HELP),
-                section: Optional[str] = typer.Option(None, help="fetch, curation or mix")) -> None:
+                section: Optional[str] = typer.Option(None, help="fetch, curation, mix, pretraining, sft, "
+                                                      "preferences or rewards")) -> None:
     """Print a preset as YAML: a starting point for --config override files."""
     import yaml
 
@@ -310,10 +314,73 @@ def preferences_inbox(inbox: Optional[str] = typer.Option(None, help="folder or 
     typer.secho(f"{len(res['ingested'])} new file(s) in {res['inbox']}", err=True)
 
 
+@app.command("sft")
+def sft_cmd(config: Optional[Path] = typer.Option(None, help="YAML overrides of the sft config"),
+            preset: str = typer.Option("tiny", help=PRESET_HELP),
+            base: Optional[Path] = typer.Option(None, help="a saved LlamaForCausalLM folder (with its tokenizer) "
+                                                "instead of herd's latest pretrained model")) -> None:
+    """Supervised fine-tuning on chat data (answer tokens only), from the pretrained or a given base model."""
+    cfg = _load("sft", preset, config)
+    _setup()
+    from flows.alignment import sft_flow
+    from stages.errors import HerdError
+
+    try:
+        res = _with_bar(2, "sft", lambda: sft_flow(cfg, str(base.resolve()) if base else None))
+    except (HerdError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(json.dumps({k: res[k] for k in ("model_dir", "steps", "final_loss", "heldout_loss", "tokens")},
+                          indent=2))
+
+
+@pref_app.command("collect")
+def preferences_collect(config: Optional[Path] = typer.Option(None, help="YAML overrides of the preferences config"),
+                        preset: str = typer.Option("tiny", help=PRESET_HELP),
+                        policy: Optional[Path] = typer.Option(None, help="chat model folder (default: the latest "
+                                                              "policy, else the SFT model)"),
+                        simulate: bool = typer.Option(False, "--simulate-annotator/--no-simulate-annotator",
+                                                      help="label the pairs with the rubric annotator into the "
+                                                      "inbox")) -> None:
+    """Sample two responses per prompt: the next batch to annotate (pairs.jsonl); optionally simulate labels."""
+    cfg = _load("preferences", preset, config)
+    _setup()
+    from flows.alignment import preference_collect_flow
+    from stages.errors import HerdError
+
+    try:
+        res = _with_bar(2 if simulate else 1, "collect", lambda: preference_collect_flow(
+            cfg, str(policy.resolve()) if policy else None, simulate_annotator=simulate))
+    except (HerdError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(json.dumps({"pairs": res["pairs"]["pairs_file"], "batch_index": res["batch_index"],
+                           "annotated": res["annotated"]}, indent=2))
+
+
+@rm_app.command("train")
+def rewards_train(config: Optional[Path] = typer.Option(None, help="YAML overrides of the rewards config"),
+                  preset: str = typer.Option("tiny", help=PRESET_HELP),
+                  sft_model: Optional[Path] = typer.Option(None, "--sft-model", help="SFT model folder to start from")
+                  ) -> None:
+    """Ingest new exports, score the current RMs on them (staleness), retrain and register both RMs."""
+    cfg = _load("rewards", preset, config)
+    _setup()
+    from flows.alignment import reward_models_flow
+    from stages.errors import HerdError
+
+    try:
+        res = _with_bar(2, "rewards", lambda: reward_models_flow(cfg, str(sft_model.resolve()) if sft_model else None))
+    except (HerdError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(json.dumps({"batches": res["batches"], "staleness": res["staleness"],
+                           "reward_models": {c: {k: m[k] for k in ("registered", "version", "heldout")}
+                                             for c, m in res["reward_models"].items()}}, indent=2, default=str))
+
+
 @app.command()
 def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
          config: Optional[Path] = typer.Option(None, help="YAML overrides of the pipeline config")) -> None:
-    """Run the whole pipeline on the embedded default: fetch -> curate -> mix -> tokenizer -> sweep -> fit -> pretrain."""
+    """Run the whole pipeline on the embedded default: fetch -> curate -> mix -> tokenizer -> sweep -> fit -> pretrain
+    -> SFT -> preference batches -> reward models."""
     cfg = _load("pipeline", preset, config)
     settings = _setup()
     from flows.pipeline import pipeline_flow
@@ -325,7 +392,9 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
 
         p = cfg.pretraining
         n_scaling = (len(plan_sweep(p.sweep)) + 1) if p.size == "auto" else 0
-        res = _with_bar(len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling, "demo", lambda: pipeline_flow(cfg))
+        n_align = 2 + cfg.preferences.batches * (2 + 1 + 2)  # sft; per batch: collect, annotate, ingest, 2 RMs
+        res = _with_bar(len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling + n_align, "demo",
+                        lambda: pipeline_flow(cfg))
     except HerdError as exc:
         _fail(exc)
     typer.echo(json.dumps(res, indent=2))

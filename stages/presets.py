@@ -19,7 +19,11 @@ from stages.data.fetch import FetchConfig, smoke_fetch, tiny_fetch
 from stages.errors import ConfigError
 from stages.mix import MixConfig
 from stages.pretrain import PretrainConfig
+from stages.collect import CollectConfig, GenerationConfig, PreferenceLoopConfig
+from stages.reward import RewardsConfig, RMConfig
 from stages.scaling import FitConfig, SweepConfig
+from stages.sft import SFTConfig
+from stages.sft_data import SFTDataConfig, SFTTokenizeConfig
 from stages.tokenizer import TokenizeConfig, TokenizerConfig
 
 
@@ -53,6 +57,10 @@ class PipelineConfig(StageConfig):
     mix: MixConfig = Field(default_factory=MixConfig, description="mixture shares and token budget")
     pretraining: PretrainingConfig = Field(default_factory=PretrainingConfig,
                                            description="tokenizer, scaling laws and pretraining")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="supervised fine-tuning")
+    preferences: PreferenceLoopConfig = Field(default_factory=PreferenceLoopConfig,
+                                              description="collecting and labelling preference batches")
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="helpfulness and safety reward models")
 
 
 # The demo's quality classifier: reference text (encyclopedic, dictionary, documentation) against raw
@@ -74,7 +82,36 @@ def tiny() -> PipelineConfig:
     """The demo default: a few thousand real documents, every stage on, minutes on 2 cores."""
     # offline packages carry little web text; a 250k-token budget keeps the Llama 1 shares with a few web epochs
     return PipelineConfig(name="tiny", fetch=tiny_fetch(), curation=_demo_curation(), mix=MixConfig(tokens=250_000),
-                          pretraining=_tiny_pretraining())
+                          pretraining=_tiny_pretraining(), sft=_tiny_sft(), preferences=_tiny_preferences(),
+                          rewards=_tiny_rewards())
+
+
+def _tiny_sft() -> SFTConfig:
+    """SFT of the demo's small model: Llama 2's recipe (2 epochs, cosine, weight decay 0.1, answer-only
+    loss) with a learning rate and batch scaled to a ~0.1M-parameter model; short conversations only."""
+    return SFTConfig(
+        # safety demonstrations repeated so a small model sees refusals often enough to learn them
+        data=SFTDataConfig(caps={"sharegpt": 1500, "evals": 600, "python_faq": 200}, max_chars=700, safety_repeats=8),
+        tokenize=SFTTokenizeConfig(max_tokens=256),
+        train=PretrainConfig(lr=1e-3, warmup_steps=10, seq_len=256, batch_tokens=4096, micro_batch_size=8,
+                             log_every=20, eval_tokens=65_536, num_threads=2),
+        epochs=2.0,
+    )
+
+
+def _tiny_preferences() -> PreferenceLoopConfig:
+    return PreferenceLoopConfig(collect=CollectConfig(prompts=300, safety_share=0.3,
+                                                      generation=GenerationConfig(max_new_tokens=48, batch_size=32)),
+                                batches=2)
+
+
+def _tiny_rewards() -> RewardsConfig:
+    """Llama 2's RM recipe (one epoch, cosine to 10%, warmup 3% min 5, margins) with a small batch and a
+    higher peak learning rate for the demo's small trunk."""
+    def rm(category: str, other: float) -> RMConfig:
+        return RMConfig(category=category, other_ratio=other, lr=1e-3, batch_pairs=8, micro_pairs=8,
+                        max_tokens=192, num_threads=2)
+    return RewardsConfig(helpfulness=rm("helpfulness", 1.0), safety=rm("safety", 1.0 / 9.0))
 
 
 def _tiny_pretraining() -> PretrainingConfig:
@@ -125,7 +162,28 @@ def smoke() -> PipelineConfig:
         executor=base.executor.derive(tasks=2, workers=2).model_dump(),
     )
     return PipelineConfig(name="smoke", fetch=smoke_fetch(), curation=curation, mix=MixConfig(),
-                          pretraining=_smoke_pretraining())
+                          pretraining=_smoke_pretraining(), sft=_smoke_sft(), preferences=_smoke_preferences(),
+                          rewards=_smoke_rewards())
+
+
+def _smoke_sft() -> SFTConfig:
+    return SFTConfig(data=SFTDataConfig(caps={"sharegpt": 60, "evals": 30, "python_faq": 20}, max_chars=500),
+                     tokenize=SFTTokenizeConfig(max_tokens=128),
+                     train=PretrainConfig(lr=1e-3, warmup_steps=2, seq_len=128, batch_tokens=1024, micro_batch_size=8,
+                                          log_every=5, eval_tokens=8192),
+                     epochs=1.0)
+
+
+def _smoke_preferences() -> PreferenceLoopConfig:
+    return PreferenceLoopConfig(collect=CollectConfig(prompts=24, generation=GenerationConfig(max_new_tokens=12,
+                                                                                             batch_size=12)),
+                                batches=2)
+
+
+def _smoke_rewards() -> RewardsConfig:
+    def rm(category: str, other: float) -> RMConfig:
+        return RMConfig(category=category, other_ratio=other, lr=1e-3, batch_pairs=8, micro_pairs=8, max_tokens=96)
+    return RewardsConfig(helpfulness=rm("helpfulness", 1.0), safety=rm("safety", 1.0 / 9.0))
 
 
 PRESETS = {"tiny": tiny, "smoke": smoke}
@@ -153,7 +211,8 @@ def _format_errors(exc: ValidationError, where: str, prefix: str) -> str:
     return f"invalid config in {where}:\n" + "\n".join(lines)
 
 
-SECTIONS = {"pipeline": None, "fetch": "fetch", "curation": "curation", "mix": "mix", "pretraining": "pretraining"}
+SECTIONS = {"pipeline": None, "fetch": "fetch", "curation": "curation", "mix": "mix", "pretraining": "pretraining",
+            "sft": "sft", "preferences": "preferences", "rewards": "rewards"}
 
 
 def load_section(section: str, preset: str = "tiny", path: str | Path | None = None) -> Any:
