@@ -77,6 +77,16 @@ def _with_bar(total: int, desc: str, fn):
         bar.close()
 
 
+def _run(total: int, desc: str, fn):
+    """Run a flow under a progress bar; herd's own errors (and bad arguments) exit 2 with the message."""
+    from stages.errors import HerdError
+
+    try:
+        return _with_bar(total, desc, fn)
+    except (HerdError, ValueError) as exc:
+        _fail(exc)
+
+
 @app.command()
 def up(timeout: float = typer.Option(180.0, help="seconds to wait for health")) -> None:
     """Start the local Prefect and MLflow servers on loopback (SQLite under $HERD_HOME)."""
@@ -248,12 +258,8 @@ def scaling_fit(runs: Path = typer.Option(..., "--runs", help="CSV with columns 
     cfg = _load("pretraining", preset, config)
     _setup()
     from flows.pretraining import scaling_fit_flow
-    from stages.errors import HerdError
 
-    try:
-        res = _with_bar(1, "fit", lambda: scaling_fit_flow(str(runs), str(output), cfg.fit, budget or cfg.budget))
-    except HerdError as exc:
-        _fail(exc)
+    res = _run(1, "fit", lambda: scaling_fit_flow(str(runs), str(output), cfg.fit, budget or cfg.budget))
     typer.echo((Path(res["output"]) / "fit.json").read_text())
 
 
@@ -267,11 +273,7 @@ def pretrain(config: Optional[Path] = typer.Option(None, help="YAML overrides of
     _setup()
     from flows.pretraining import pretrain_flow
 
-    try:
-        res = _with_bar(1, "pretrain", lambda: pretrain_flow(cfg, str(data) if data else None,
-                                                             str(fit) if fit else None))
-    except ValueError as exc:
-        _fail(exc)
+    res = _run(1, "pretrain", lambda: pretrain_flow(cfg, str(data) if data else None, str(fit) if fit else None))
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "model"}, indent=2, default=str))
 
 
@@ -323,12 +325,8 @@ def sft_cmd(config: Optional[Path] = typer.Option(None, help="YAML overrides of 
     cfg = _load("sft", preset, config)
     _setup()
     from flows.alignment import sft_flow
-    from stages.errors import HerdError
 
-    try:
-        res = _with_bar(2, "sft", lambda: sft_flow(cfg, str(base.resolve()) if base else None))
-    except (HerdError, ValueError) as exc:
-        _fail(exc)
+    res = _run(2, "sft", lambda: sft_flow(cfg, str(base.resolve()) if base else None))
     typer.echo(json.dumps({k: res[k] for k in ("model_dir", "steps", "final_loss", "heldout_loss", "tokens")},
                           indent=2))
 
@@ -345,13 +343,9 @@ def preferences_collect(config: Optional[Path] = typer.Option(None, help="YAML o
     cfg = _load("preferences", preset, config)
     _setup()
     from flows.alignment import preference_collect_flow
-    from stages.errors import HerdError
 
-    try:
-        res = _with_bar(2 if simulate else 1, "collect", lambda: preference_collect_flow(
-            cfg, str(policy.resolve()) if policy else None, simulate_annotator=simulate))
-    except (HerdError, ValueError) as exc:
-        _fail(exc)
+    res = _run(2 if simulate else 1, "collect", lambda: preference_collect_flow(
+        cfg, str(policy.resolve()) if policy else None, simulate_annotator=simulate))
     typer.echo(json.dumps({"pairs": res["pairs"]["pairs_file"], "batch_index": res["batch_index"],
                            "annotated": res["annotated"]}, indent=2))
 
@@ -365,12 +359,8 @@ def rewards_train(config: Optional[Path] = typer.Option(None, help="YAML overrid
     cfg = _load("rewards", preset, config)
     _setup()
     from flows.alignment import reward_models_flow
-    from stages.errors import HerdError
 
-    try:
-        res = _with_bar(2, "rewards", lambda: reward_models_flow(cfg, str(sft_model.resolve()) if sft_model else None))
-    except (HerdError, ValueError) as exc:
-        _fail(exc)
+    res = _run(2, "rewards", lambda: reward_models_flow(cfg, str(sft_model.resolve()) if sft_model else None))
     typer.echo(json.dumps({"batches": res["batches"], "staleness": res["staleness"],
                            "reward_models": {c: {k: m[k] for k in ("registered", "version", "heldout")}
                                              for c, m in res["reward_models"].items()}}, indent=2, default=str))
