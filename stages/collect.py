@@ -85,7 +85,7 @@ def load_policy(model_dir: str | Path):
 def generate(model, tok, prompts: Sequence[str | list[dict]], *, temperature: float, cfg: GenerationConfig,
              seed: int = 0) -> tuple[list[str], dict[str, float]]:
     """Sample one response per prompt. Returns the texts and ``{"tokens", "seconds", "tokens_per_s"}``."""
-    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    eot = tok.get_vocab().get("<|eot_id|>")  # herd's end of turn; other templates end turns with their eos
     stop = [t for t in (eot, tok.eos_token_id) if t is not None and t >= 0]
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     outs: list[str] = []
