@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import setuptools  # noqa: F401  (see herd/__init__.py: before anything loads the stdlib distutils)
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
