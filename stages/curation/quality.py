@@ -137,6 +137,13 @@ def positive_probability(model, texts: list[str]) -> np.ndarray:
     return out
 
 
+def _train_fasttext(train_file: str, model_path: str, kwargs: dict) -> None:
+    """Train and save a supervised fastText model (runs in a spawned process; see train_quality_classifier)."""
+    import fasttext
+
+    fasttext.train_supervised(input=train_file, **kwargs).save_model(model_path)
+
+
 def train_quality_classifier(cfg: QualityConfig, positives: list[Path], negatives: list[Path],
                              out_dir: str | Path) -> dict:
     """Train the classifier; writes ``out_dir/model.bin`` and ``out_dir/metrics.json``; returns the metrics."""
@@ -165,12 +172,18 @@ def train_quality_classifier(cfg: QualityConfig, positives: list[Path], negative
     train.sort(key=lambda r: _order_key(r[0], cfg.seed))
     train_file = out_dir / "train.txt"
     train_file.write_text("".join(f"{label} {text}\n" for _, label, text in train), encoding="utf-8")
-    model = fasttext.train_supervised(input=str(train_file), epoch=cfg.epochs, lr=cfg.lr, wordNgrams=cfg.word_ngrams,
-                                      dim=cfg.dim, minCount=cfg.min_count, bucket=cfg.bucket, loss="softmax",
-                                      thread=1, seed=cfg.seed, verbose=0)
-    train_file.unlink()
     model_path = out_dir / "model.bin"
-    model.save_model(str(model_path))
+    kwargs = dict(epoch=cfg.epochs, lr=cfg.lr, wordNgrams=cfg.word_ngrams, dim=cfg.dim, minCount=cfg.min_count,
+                  bucket=cfg.bucket, loss="softmax", thread=1, seed=cfg.seed, verbose=0)
+    # A fresh process: in one that has run a large torch model, fastText's training reads reused heap
+    # memory and hits NaN ("Encountered NaN"); a spawned interpreter trains from a clean heap.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_train_fasttext, str(train_file), str(model_path), kwargs).result()
+    train_file.unlink()
+    model = fasttext.load_model(str(model_path))
     threshold = cfg.threshold if cfg.threshold is not None else 0.5
     scores = positive_probability(model, [t for _, _, t in test])
     y_true = np.array([lab == POSITIVE for _, lab, _ in test])

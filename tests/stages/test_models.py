@@ -1,8 +1,5 @@
 """A real pretrained Llama that ships in a package (SmolLM2-135M-Instruct, GGUF) imported as a plain
-Hugging Face folder, and fine-tuned by herd's SFT through its own (ChatML) chat template.
-
-Named to run last: after this 135M model has trained in a process, fastText's supervised training in
-the same process hits NaN on the quality-classifier corpus (seen when test_quality ran after it)."""
+Hugging Face folder, and fine-tuned by herd's SFT through its own (ChatML) chat template."""
 
 from __future__ import annotations
 
@@ -20,7 +17,7 @@ from stages.sft import SFTConfig, sft
 from stages.sft_data import SFTTokenizeConfig, chat_tokens
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
