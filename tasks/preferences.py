@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 from prefect import task
 
-from stages.preferences import IngestResult, ingest_file
+from stages.preferences import ingest_file
 from tasks.tracking import log_dataset, markdown_table, publish_markdown, run_url, stage_run
 
 

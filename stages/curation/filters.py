@@ -27,14 +27,12 @@ import ipaddress
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field, field_validator
 
 from stages.common import StageConfig
-from stages.errors import ConfigError, MissingAssetError
+from stages.errors import MissingAssetError
 
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
