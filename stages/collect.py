@@ -30,6 +30,7 @@ from pydantic import Field
 from stages.common import StageConfig, atomic_dir, iter_jsonl, write_json_atomic
 from stages.annotator import AnnotatorConfig
 from stages.errors import DataValidationError, MissingAssetError
+from stages.policy import chat_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,7 @@ def generate(model, tok, prompts: Sequence[str | list[dict]], *, temperature: fl
     torch.manual_seed(seed)
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i:i + cfg.batch_size]
-        ids = []
-        for p in chunk:
-            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
-            x = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-            ids.append(list(x)[-cfg.max_prompt_tokens:])
+        ids = [chat_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in chunk]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])

@@ -168,12 +168,14 @@ def score(model, tok, prompts: Sequence[Any], responses: Sequence[str], max_toke
           batch_size: int = 16) -> np.ndarray:
     """Scalar rewards of (prompt, response) pairs, shape (n,)."""
     model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        seqs = [encode(tok, p, r, max_tokens) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        ids, mask = _batch(tok, seqs)
-        out.append(model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    seqs = [encode(tok, p, r, max_tokens) for p, r in zip(prompts, responses)]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
+    out = np.zeros(len(seqs), dtype=np.float32)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        ids, mask = _batch(tok, [seqs[j] for j in idx])
+        out[idx] = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().numpy()
+    return out
 
 
 def evaluate_pairs(model, tok, pairs: Sequence[Pair], max_tokens: int = 256) -> dict[str, Any]:
@@ -262,6 +264,7 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
         sink.log_metrics({"loss": losses[-1], "train_accuracy": acc_sum / len(batch), "lr": lr, "grad_norm": gnorm},
                          step + 1)
     heldout = evaluate_pairs(model, tok, held, cfg.max_tokens)
+    calibration = calibrate(model, tok, train + held, cfg.max_tokens)
     if heldout["accuracy"] is not None:
         sink.log_metrics({"heldout_accuracy": heldout["accuracy"]}, total)
     result = RMResult(model_dir=str(out_dir / "model"), category=cfg.category, steps=len(losses),
@@ -270,6 +273,7 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
     with atomic_dir(out_dir / "model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        write_json_atomic(tmp / CALIBRATION, calibration)
     write_json_atomic(out_dir / "metrics.json", {"loss_history": losses})
     write_json_atomic(out_dir / "manifest.json", {"stage": "reward_model", "config": cfg.model_dump(mode="json"),
                                                   "init_dir": str(init_dir), "result": result.model_dump(mode="json")})
@@ -284,3 +288,65 @@ def staleness(rm_dir: str | Path, batch_dir: str | Path, cfg: RMConfig) -> dict[
     pairs = [p for p in batch_pairs(batch_dir, cfg.margin) if p.category == cfg.category]
     return evaluate_pairs(model, tok, pairs, cfg.max_tokens)
 
+
+
+# ---------------------------------------------------------------------------------------------- scoring policies
+
+CALIBRATION = "calibration.json"
+
+
+def calibrate(model, tok, pairs: Sequence[Pair], max_tokens: int = 256) -> dict[str, float]:
+    """Mean and std of the RM's raw scores over the responses it trained and was evaluated on.
+
+    A ranking loss fixes only score differences, so a raw score's level is arbitrary: Llama 2's
+    piecewise rule (safety score below 0.15) needs a score on a known scale. ``sigmoid((r - mean) /
+    std)`` puts every RM on one: 0.5 is a typical response of the RM's data, 0.15 about one std below.
+    """
+    seen: dict[tuple[str, str], tuple[Any, str]] = {}
+    for p in pairs:
+        for r in (p.chosen, p.rejected):
+            seen.setdefault((str(p.prompt), r), (p.prompt, r))
+    if len(seen) < 2:
+        return {"mean": 0.0, "std": 1.0, "responses": len(seen)}
+    prompts, responses = zip(*seen.values())
+    raw = score(model, tok, list(prompts), list(responses), max_tokens)
+    return {"mean": float(raw.mean()), "std": float(max(raw.std(), 1e-6)), "responses": len(raw)}
+
+
+def load_calibration(model_dir: str | Path) -> dict[str, float]:
+    """The RM's saved calibration (identity for an RM saved without one)."""
+    path = Path(model_dir) / CALIBRATION
+    if not path.is_file():
+        return {"mean": 0.0, "std": 1.0}
+    import json
+
+    return json.loads(path.read_text())
+
+
+class RewardScorer:
+    """Llama 2's reward from the two RMs (section 3.2.3): the safety RM's calibrated score for safety
+    prompts or when it is below ``threshold``, else the helpfulness RM's; scores in (0, 1)."""
+
+    def __init__(self, helpfulness_dir: str | Path, safety_dir: str | Path, *, max_tokens: int = 256,
+                 batch_size: int = 32, threshold: float = 0.15):
+        self.models = {c: load_reward_model(d) for c, d in (("helpfulness", helpfulness_dir), ("safety", safety_dir))}
+        self.calibration = {c: load_calibration(d) for c, d in (("helpfulness", helpfulness_dir),
+                                                               ("safety", safety_dir))}
+        self.max_tokens, self.batch_size, self.threshold = max_tokens, batch_size, threshold
+
+    def scores(self, prompts: Sequence[Any], responses: Sequence[str], categories: Sequence[str]) -> dict[str, np.ndarray]:
+        """``{"helpfulness", "safety", "combined"}``: calibrated probabilities, each shape (n,)."""
+        from stages.losses import combine_rewards
+
+        out = {}
+        for c, (model, tok) in self.models.items():
+            raw = score(model, tok, list(prompts), list(responses), self.max_tokens, self.batch_size)
+            cal = self.calibration[c]
+            out[c] = 1.0 / (1.0 + np.exp(-(raw - cal["mean"]) / cal["std"]))
+        is_safety = torch.tensor([c == "safety" for c in categories])
+        out["combined"] = combine_rewards(torch.from_numpy(out["helpfulness"]), torch.from_numpy(out["safety"]),
+                                          is_safety, self.threshold).numpy()
+        return out
+
+    def __call__(self, prompts: Sequence[Any], responses: Sequence[str], categories: Sequence[str]) -> np.ndarray:
+        return self.scores(prompts, responses, categories)["combined"]

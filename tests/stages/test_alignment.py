@@ -1,0 +1,190 @@
+"""Alignment rounds on a tiny policy: rejection sampling raises the reward it selects for, the evaluation's
+win rates and intervals are what they say, the calibrated reward follows Llama 2's rule, and the schedule
+maps rounds to algorithms (Llama 2's by default, Llama 3's one override away)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stages.alignment import ALGORITHMS, Algorithm, AlignmentConfig
+from stages.collect import GenerationConfig, generate, load_policy
+from stages.common import MemorySink
+from stages.evaluate import EvalConfig, bootstrap_ci, evaluate_policy, rate_with_ci, win_rate
+from stages.model import ModelConfig, build_model
+from stages.presets import load_section, tiny
+from stages.pretrain import PretrainConfig
+from stages.rejection import RejectionConfig, draw_round_prompts, rejection_sample
+from stages.sft_data import SFTTokenizeConfig
+from stages.tokenizer import TokenizerConfig, train_tokenizer
+
+PROMPTS = [{"id": f"p{i:02d}", "prompt": f"Tell me something, number {i}.",
+            "category": "safety" if i % 5 == 0 else "helpfulness"} for i in range(40)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rs-policy")
+    (root / "data").mkdir()
+    with gzip.open(root / "data" / "00000.jsonl.gz", "wt") as fh:
+        for i in range(60):
+            fh.write(json.dumps({"id": f"d{i}", "text": f"Tell me something. Every evening we see trees, {i}. "
+                                 "Go away now, dummy.", "source": "qa"}) + "\n")
+    out = root / "policy"
+    train_tokenizer(TokenizerConfig(vocab_size=300), [root], out)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(out), local_files_only=True))
+    build_model(ModelConfig.from_flavour("debug"), vocab, seed=0).save_pretrained(out)
+    return out
+
+
+def _e_share(prompts, responses, categories) -> np.ndarray:
+    return np.array([0.05 + 0.9 * sum(c == "e" for c in r) / max(1, len(r)) for r in responses])
+
+
+def _mean_reward(model_dir, n=2) -> float:
+    model, tok = load_policy(model_dir)
+    texts = [p["prompt"] for p in PROMPTS for _ in range(n)]
+    out, _ = generate(model, tok, texts, temperature=1.0, cfg=GenerationConfig(max_new_tokens=12, batch_size=40), seed=7)
+    return float(_e_share(texts, out, []).mean())
+
+
+def _rs_config(**kw) -> RejectionConfig:
+    kw = {"prompts": 40, "epochs": 6.0, **kw}
+    return RejectionConfig(k=8, temperature=1.0, generation=GenerationConfig(max_new_tokens=12,
+                                                                                         batch_size=80),
+                           tokenize=SFTTokenizeConfig(max_tokens=64, heldout_fraction=0.0),
+                           train=PretrainConfig(lr=1e-2, warmup_steps=1, seq_len=64, batch_tokens=512,
+                                                micro_batch_size=8, log_every=5, eval_tokens=512), **kw)
+
+
+def test_rejection_sampling_learns_what_the_reward_selects(policy_dir, tmp_path):
+    sink = MemorySink()
+    before = _mean_reward(policy_dir)
+    res = rejection_sample(_rs_config(), policy_dir, _e_share, PROMPTS, tmp_path / "rs", round_index=1, sink=sink)
+    after = _mean_reward(res.model_dir)
+    assert after > before + 0.05, (before, after)
+    m = res.metrics
+    assert m["samples"] == 40 * 8 and m["reward_best_mean"] > m["reward_median_mean"] > 0
+    assert m["max_minus_median"] == pytest.approx(m["reward_best_mean"] - m["reward_median_mean"], abs=1e-9)
+    assert m["generated_tokens_per_s"] > 0 and {"max_minus_median_safety", "max_minus_median_helpfulness"} <= set(m)
+    samples = [json.loads(x) for x in Path(res.files["samples"]).read_text().splitlines()]
+    best = [json.loads(x) for x in Path(res.files["best"]).read_text().splitlines()]
+    assert len(samples) == 320 and len(best) == 40
+    for b in best:  # the kept sample is the highest-reward one of its prompt
+        assert b["reward"] == max(s["reward"] for s in samples if s["id"] == b["id"])
+    assert any("max_minus_median" in row for _, row in sink.rows)
+    # a finished stage is returned from its manifest without sampling again
+    again = rejection_sample(_rs_config(), policy_dir, lambda *a: 1 / 0, PROMPTS, tmp_path / "rs", round_index=1)
+    assert again == res
+
+
+def test_rejection_sampling_pools_earlier_rounds_best_samples(policy_dir, tmp_path):
+    earlier = tmp_path / "earlier.jsonl"
+    rows = [{"id": "old/1", "prompt": "An old prompt only seen before.", "category": "helpfulness",
+             "response": "eeee", "reward": 0.9},
+            {"id": PROMPTS[1]["id"], "prompt": PROMPTS[1]["prompt"], "category": "helpfulness", "response": "e",
+             "reward": 2.0}]
+    earlier.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _rs_config(prompts=10, epochs=1.0)
+    drawn = {p["prompt"] for p in draw_round_prompts(PROMPTS, 10, cfg.safety_share, f"rs/{cfg.seed}/2")}
+    assert PROMPTS[1]["prompt"] not in drawn
+    rows.append({**rows[1], "id": "p-drawn", "prompt": sorted(drawn)[0], "reward": -1.0})  # worse than any new one
+    earlier.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = rejection_sample(cfg, policy_dir, _e_share, PROMPTS, tmp_path / "pooled", pooled=[earlier], round_index=2)
+    kept = {r["prompt"]: r for r in map(json.loads, Path(res.files["finetune_set"]).read_text().splitlines())}
+    assert res.metrics["finetune_examples"] == len(kept) == 12  # ten new prompts plus two only seen before
+    assert kept[PROMPTS[1]["prompt"]]["reward"] == 2.0 and kept["An old prompt only seen before."]["response"] == "eeee"
+    assert kept[sorted(drawn)[0]]["reward"] > -1.0  # the new, better sample replaced the pooled one
+    off = rejection_sample(cfg.derive(pool_previous=False), policy_dir, _e_share, PROMPTS, tmp_path / "alone",
+                           pooled=[earlier], round_index=2)
+    assert off.metrics["finetune_examples"] == 10
+
+
+def test_round_prompts_keep_the_safety_share_and_are_seeded():
+    a = draw_round_prompts(PROMPTS, 20, 0.3, "x")
+    assert len(a) == 20 and sum(p["category"] == "safety" for p in a) == 6
+    assert a == draw_round_prompts(PROMPTS, 20, 0.3, "x") and a != draw_round_prompts(PROMPTS, 20, 0.3, "y")
+    assert sum(p["category"] == "safety" for p in draw_round_prompts(PROMPTS, 40, 0.9, "x")) == 8  # only 8 exist
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def test_win_rate_counts_ties_half_and_brackets_its_interval():
+    a = np.array([[1.0, 0.0], [0.5, 0.5], [1.0, 1.0], [0.0, 0.0]])
+    b = np.array([[0.0, 0.0], [0.5, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    w = win_rate(a, b, n_boot=500, seed=0)
+    # per prompt: (1 + 0.5)/2, (0.5 + 0)/2, 1, (0 + 0.5)/2
+    assert w["win_rate"] == pytest.approx((0.75 + 0.25 + 1.0 + 0.25) / 4)
+    assert (w["wins"], w["ties"], w["losses"]) == (3, 3, 2)
+    assert w["ci_low"] <= w["win_rate"] <= w["ci_high"]
+    assert bootstrap_ci(np.full(50, 0.7), 100, 0) == pytest.approx((0.7, 0.7))
+    lo, hi = bootstrap_ci(np.r_[np.ones(60), np.zeros(40)], 2000, 0)
+    assert 0.49 < lo < 0.55 and 0.65 < hi < 0.71  # 0.6 +- 1.96 * sqrt(0.24 / 100)
+    r = rate_with_ci(np.array([[1.0, 0.0], [1.0, 1.0]]), 100, 0)
+    assert r["rate"] == 0.75 and r["prompts"] == 2
+
+
+def test_a_policy_against_itself_ties_and_has_no_kl(policy_dir, tmp_path):
+    def scorer(prompts, responses, categories):
+        s = _e_share(prompts, responses, categories)
+        return {"helpfulness": s, "safety": s, "combined": s}
+
+    cfg = EvalConfig(prompts=10, samples=2, generation=GenerationConfig(max_new_tokens=8, batch_size=20), n_boot=50)
+    res = evaluate_policy(cfg, policy_dir, {"sft": policy_dir}, PROMPTS, scorer, tmp_path / "answers",
+                          reference_dir=policy_dir)
+    assert res["prompts"] == 10 and res["safety_prompts"] == 2
+    for judge_name in ("judge", "rm"):
+        assert res["vs"]["sft"][judge_name]["win_rate"] == 0.5 and res["vs"]["sft"][judge_name]["losses"] == 0
+    assert res["signals"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)
+    assert res["signals"]["entropy"] > 0 and res["policy"]["violation"]["prompts"] == 2
+    assert res["policy"] == res["baselines"]["sft"]
+    cached = list((tmp_path / "answers").glob("*/answers.jsonl"))
+    assert len(cached) == 1  # the same weights answered once, reused as the baseline
+
+
+# ------------------------------------------------------------------ reward and schedule
+
+
+def test_calibrated_scores_follow_llama2_piecewise_rule():
+    import torch as t
+
+    from stages.losses import combine_rewards
+
+    h, s = t.tensor([0.9, 0.9, 0.9]), t.tensor([0.5, 0.1, 0.5])
+    out = combine_rewards(h, s, t.tensor([False, False, True]), 0.15)
+    assert out.tolist() == pytest.approx([0.9, 0.1, 0.5])
+
+
+def test_schedule_is_llama2_by_default_and_llama3_is_one_override(tmp_path):
+    cfg = AlignmentConfig()
+    assert [cfg.algorithms(n) for n in (1, 4, 5, 9)] == [["rejection_sampling"]] * 2 + [["rejection_sampling", "ppo"]] * 2
+    assert set(ALGORITHMS) == set(Algorithm)
+    override = tmp_path / "llama3.yaml"
+    override.write_text("schedule: [[rejection_sampling, dpo]]\n")
+    l3 = load_section("alignment", "tiny", override)
+    assert [l3.algorithms(n) for n in (1, 5)] == [["rejection_sampling", "dpo"]] * 2
+    assert l3.rejection == tiny().alignment.rejection
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schedule: [[rejection_sampling, grpo]]\n")
+    from stages.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="alignment.schedule"):
+        load_section("alignment", "tiny", bad)
+    with pytest.raises(ValueError, match="at least one"):
+        AlignmentConfig(schedule=[[]])
