@@ -70,10 +70,13 @@ class _Bar:
 def _with_bar(total: int, desc: str, fn):
     from tasks import progress
 
+    import contextlib
+
     bar = _Bar(total, desc)
     progress.set_listener(bar)
     try:
-        return fn()
+        with contextlib.redirect_stdout(sys.stderr):  # run links MLflow prints; stdout is the command's JSON
+            return fn()
     finally:
         progress.set_listener(None)
         bar.close()
@@ -124,7 +127,7 @@ def status() -> None:
 @app.command("config")
 def show_config(preset: str = typer.Option("tiny", help=PRESET_HELP),
                 section: Optional[str] = typer.Option(None, help="fetch, curation, mix, pretraining, sft, "
-                                                      "preferences or rewards")) -> None:
+                                                      "preferences, rewards or alignment")) -> None:
     """Print a preset as YAML: a starting point for --config override files."""
     import yaml
 
@@ -385,11 +388,36 @@ def rewards_train(config: Optional[Path] = typer.Option(None, help="YAML overrid
                                              for c, m in res["reward_models"].items()}}, indent=2, default=str))
 
 
+def _round_steps(cfg, n: int) -> int:
+    # RMs (ingest, 2 RMs, reward-models), the algorithms, evaluate, then collect, annotate, collect-next
+    return 4 + len(cfg.algorithms(n)) + 1 + 3 * cfg.collect_next
+
+
+@app.command("round")
+def round_cmd(config: Optional[Path] = typer.Option(None, help="YAML overrides of the pipeline config (its "
+                                                    "alignment, rewards and preferences sections are used)"),
+              preset: str = typer.Option("tiny", help=PRESET_HELP),
+              round_index: Optional[int] = typer.Option(None, "--round", help="round n to run (default: the "
+                                                        "`policy` registry's newest round + 1)")) -> None:
+    """Run one alignment round now: ingest the inbox, retrain the RMs, produce RLHF-V(n) (rejection sampling /
+    PPO / DPO per the schedule), evaluate it, register it as `policy` (alias rlhf-v<n>), collect the next batch."""
+    cfg = _load("pipeline", preset, config)
+    _setup()
+    from flows.pipeline import round_summary
+    from flows.rounds import alignment_round_flow
+
+    n = round_index or 1
+    res = _run(_round_steps(cfg.alignment, n), "round", lambda: alignment_round_flow(
+        cfg.alignment, cfg.rewards, cfg.preferences, round=round_index))
+    typer.echo(json.dumps({"policy": res["policy"], "registered": res["registered"], **round_summary(res)},
+                          indent=2, default=str))
+
+
 @app.command()
 def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
          config: Optional[Path] = typer.Option(None, help="YAML overrides of the pipeline config")) -> None:
     """Run the whole pipeline on the embedded default: fetch -> curate -> mix -> tokenizer -> sweep -> fit -> pretrain
-    -> SFT -> preference batches -> reward models."""
+    -> SFT -> preference batches -> reward models -> alignment rounds RLHF-V1..V5."""
     cfg = _load("pipeline", preset, config)
     settings = _setup()
     from flows.pipeline import pipeline_flow
@@ -402,6 +430,7 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
         p = cfg.pretraining
         n_scaling = (len(plan_sweep(p.sweep)) + 1) if p.size == "auto" else 0
         n_align = 2 + cfg.preferences.batches * (2 + 1 + 2)  # sft; per batch: collect, annotate, ingest, 2 RMs
+        n_align += sum(_round_steps(cfg.alignment, n) for n in range(1, cfg.alignment.rounds + 1))
         res = _with_bar(len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling + n_align, "demo",
                         lambda: pipeline_flow(cfg))
     except HerdError as exc:
@@ -410,6 +439,176 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
     typer.echo(f"\nPrefect UI: {settings.prefect_api_url.removesuffix('/api')}   MLflow UI: {settings.mlflow_tracking_uri}")
     typer.echo("Curated corpus: " + res["curation"]["output"] + "   Mixture: " + res["mix"]["output"])
     typer.echo("Stop the servers with: .venv/bin/herd down")
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = REPO_ROOT / "infra" / "prefect.yaml"
+
+
+def _prefect_bin() -> str:
+    candidate = Path(sys.executable).with_name("prefect")
+    return str(candidate) if candidate.exists() else "prefect"
+
+
+def _deployment_specs(prefect_file: Path) -> list[dict]:
+    """The deployments ``prefect_file`` declares whose entrypoint file exists in this checkout (others: warned)."""
+    import yaml
+
+    try:
+        specs = (yaml.safe_load(prefect_file.read_text()) or {}).get("deployments") or []
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(ValueError(f"cannot read {prefect_file}: {exc}"))
+    present = []
+    for spec in specs:
+        source = str(spec.get("entrypoint") or "").split(":", 1)[0]
+        if not (REPO_ROOT / source).is_file():
+            typer.secho(f"skipped deployment {spec.get('name')}: {source or 'entrypoint'} not found in {REPO_ROOT}",
+                        fg=typer.colors.YELLOW, err=True)
+            continue
+        present.append(spec)
+    return present
+
+
+def _ensure_work_pools(names: set[str]) -> list[str]:
+    """Create each missing work pool as a `process` pool; return the names created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    created = []
+    with get_client(sync_client=True) as client:
+        for name in sorted(names):
+            try:
+                client.read_work_pool(name)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(
+                    name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+                created.append(name)
+    return created
+
+
+def _apply_deployments(prefect_file: Path, names: list[str]) -> None:
+    """`prefect deploy` the named deployments of ``prefect_file``, from the repository root (entrypoints are
+    relative to it)."""
+    import os
+    import subprocess
+
+    cmd = [_prefect_bin(), "--no-prompt", "deploy", "--prefect-file", str(prefect_file)]
+    for name in names:
+        cmd += ["--name", name]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    if res.returncode != 0:
+        _fail(RuntimeError(f"`{' '.join(cmd[1:])}` failed (exit {res.returncode}):\n"
+                           f"{(res.stdout + res.stderr)[-4000:]}"))
+
+
+def _describe_deployments(names: list[str], pools: set[str]) -> list[dict]:
+    """What the Prefect API holds for these deployments: full name, schedules, concurrency, trigger events."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, WorkPoolFilter,
+                                                 WorkPoolFilterName)
+
+    out = []
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)),
+                                        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=sorted(pools))))
+        for d in found:
+            schedules = [f"cron '{s.schedule.cron}' ({s.schedule.timezone or 'UTC'})" if hasattr(s.schedule, "cron")
+                         else str(s.schedule) for s in d.schedules]
+            limit = d.global_concurrency_limit.limit if d.global_concurrency_limit else None
+            strategy = d.concurrency_options.collision_strategy if d.concurrency_options else None
+            triggers = [e for a in client.read_resource_related_automations(f"prefect.deployment.{d.id}")
+                        for e in sorted(getattr(a.trigger, "expect", None) or [])]
+            out.append({"name": f"{client.read_flow(d.flow_id).name}/{d.name}", "id": str(d.id),
+                        "schedules": schedules, "concurrency_limit": limit,
+                        "collision_strategy": str(getattr(strategy, "value", strategy)) if strategy else None,
+                        "triggers": triggers})
+    return sorted(out, key=lambda d: names.index(d["name"].split("/", 1)[1]))
+
+
+def _raise_interrupt(*_args) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def deploy(prefect_file: Path = typer.Option(PREFECT_YAML, "--prefect-file",
+                                             help="deployments to register (paths in it are relative to the repo root)"),
+           once: bool = typer.Option(False, "--once", help="register, announce the inbox once, and exit "
+                                     "(no worker, no watcher): for CI and tests"),
+           worker: bool = typer.Option(True, "--worker/--no-worker", help="start a process worker for the work "
+                                       "pool (--no-worker when other workers serve it)"),
+           poll: float = typer.Option(5.0, "--poll", help="seconds between scans of the preference inbox")) -> None:
+    """Register herd's deployments (infra/prefect.yaml: the weekly, inbox-triggered alignment-round, herd-pipeline,
+    preference-inbox, reward-models, sft), then run a worker for their pool and the inbox watcher until Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    settings = _setup()
+    os.environ["HERD_HOME"] = str(settings.home)  # the flow runs the worker starts share this home
+    prefect_file = prefect_file.resolve()
+    specs = _deployment_specs(prefect_file)
+    if not specs:
+        _fail(ValueError(f"{prefect_file} declares no deployment whose entrypoint exists in {REPO_ROOT}"))
+    names = [s["name"] for s in specs]
+    pools = {(s.get("work_pool") or {}).get("name") for s in specs} - {None}
+    try:
+        for pool in _ensure_work_pools(pools):
+            typer.echo(f"created work pool {pool} (type process)")
+    except Exception as exc:  # noqa: BLE001  (the API refused: say which)
+        _fail(RuntimeError(f"cannot create work pool(s) {sorted(pools)} at {settings.prefect_api_url}: {exc}"))
+    _apply_deployments(prefect_file, names)
+
+    ui = settings.prefect_api_url.removesuffix("/api")
+    typer.echo(f"registered {len(names)} deployment(s) from {prefect_file} in work pool(s) "
+               f"{', '.join(sorted(pools))} ({ui}/deployments):")
+    for d in _describe_deployments(names, pools):
+        conc = f"concurrency {d['concurrency_limit']} ({d['collision_strategy']})" if d["concurrency_limit"] else ""
+        parts = [", ".join(d["schedules"]) or "no schedule", conc,
+                 ("trigger: " + ", ".join(d["triggers"])) if d["triggers"] else ""]
+        typer.echo(f"  {d['name']:<34} " + "; ".join(p for p in parts if p))
+
+    from herd.events import INBOX_EVENT, inbox_watcher
+
+    watcher = inbox_watcher(settings, poll)
+    if once:
+        from prefect.events.worker import EventsWorker
+
+        sent = watcher.poll()
+        EventsWorker.drain_all(timeout=30)  # deliver the events before this process exits
+        typer.echo(f"announced {len(sent)} new inbox file(s) as {INBOX_EVENT}")
+        return
+
+    procs: list[subprocess.Popen] = []
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background (SIGINT ignored)
+    try:
+        if worker:
+            for pool in sorted(pools):
+                procs.append(subprocess.Popen([_prefect_bin(), "worker", "start", "--pool", pool, "--type", "process"],
+                                              cwd=REPO_ROOT))
+                typer.echo(f"worker: pid {procs[-1].pid}, pool {pool}")
+        watcher.start()
+        typer.echo(f"watching {watcher.inbox} every {poll:g} s: each new export emits {INBOX_EVENT} "
+                   f"(announced files: {watcher.ledger}). Ctrl-C stops.")
+        while True:
+            for p in procs:
+                if p.poll() is not None:
+                    _fail(RuntimeError(f"the worker (pid {p.pid}) exited with code {p.returncode}"))
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        typer.echo("stopping the watcher and worker(s)", err=True)
+    finally:
+        watcher.stop()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)  # what Ctrl-C sends: the worker stops cleanly
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from stages.dpo import DPOConfig, dpo
 from stages.evaluate import EvalConfig
 from stages.policy import PolicyResult, RewardFn
 from stages.ppo import PPOConfig, ppo
-from stages.rejection import RejectionConfig, rejection_sample
+from stages.rejection import RejectionConfig, annotator_edits, rejection_sample
 
 
 class Algorithm(StrEnum):
@@ -87,7 +87,8 @@ Step = Callable[[AlignmentConfig, str, RoundInputs, Path, MetricsSink], PolicyRe
 
 
 def _rs(cfg: AlignmentConfig, parent: str, inp: RoundInputs, out: Path, sink: MetricsSink) -> PolicyResult:
-    return rejection_sample(cfg.rejection, parent, inp.reward_fn, inp.prompts, out, pooled=inp.pooled,
+    edits = annotator_edits(inp.batch_dirs) if cfg.rejection.pool_edits else []
+    return rejection_sample(cfg.rejection, parent, inp.reward_fn, inp.prompts, out, pooled=inp.pooled, edits=edits,
                             round_index=inp.round_index, sink=sink)
 
 

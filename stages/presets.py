@@ -19,7 +19,12 @@ from stages.data.fetch import FetchConfig, smoke_fetch, tiny_fetch
 from stages.errors import ConfigError
 from stages.mix import MixConfig
 from stages.pretrain import PretrainConfig
+from stages.alignment import AlignmentConfig
 from stages.collect import CollectConfig, GenerationConfig, PreferenceLoopConfig
+from stages.dpo import DPOConfig
+from stages.evaluate import EvalConfig
+from stages.ppo import PPOConfig
+from stages.rejection import RejectionConfig
 from stages.reward import RewardsConfig, RMConfig
 from stages.scaling import FitConfig, SweepConfig
 from stages.sft import SFTConfig
@@ -61,6 +66,8 @@ class PipelineConfig(StageConfig):
     preferences: PreferenceLoopConfig = Field(default_factory=PreferenceLoopConfig,
                                               description="collecting and labelling preference batches")
     rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="helpfulness and safety reward models")
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig,
+                                       description="RLHF-V1..V(n): rejection sampling, PPO, DPO; evaluation")
 
 
 # The demo's quality classifier: reference text (encyclopedic, dictionary, documentation) against raw
@@ -83,7 +90,7 @@ def tiny() -> PipelineConfig:
     # offline packages carry little web text; a 250k-token budget keeps the Llama 1 shares with a few web epochs
     return PipelineConfig(name="tiny", fetch=tiny_fetch(), curation=_demo_curation(), mix=MixConfig(tokens=250_000),
                           pretraining=_tiny_pretraining(), sft=_tiny_sft(), preferences=_tiny_preferences(),
-                          rewards=_tiny_rewards())
+                          rewards=_tiny_rewards(), alignment=_tiny_alignment())
 
 
 def _tiny_sft() -> SFTConfig:
@@ -112,6 +119,28 @@ def _tiny_rewards() -> RewardsConfig:
         return RMConfig(category=category, other_ratio=other, lr=1e-3, batch_pairs=8, micro_pairs=8,
                         max_tokens=192, num_threads=2)
     return RewardsConfig(helpfulness=rm("helpfulness", 1.0), safety=rm("safety", 1.0 / 9.0))
+
+
+def _tiny_alignment() -> AlignmentConfig:
+    """Llama 2's schedule (V1-V4 rejection sampling, V5 rejection sampling then PPO) sized for the demo's small
+    policy: K = 10 samples of 300 prompts per round, fine-tuned with the SFT recipe's step size; PPO with
+    Llama 2's clip, KL beta, AdamW and grad clip, a learning rate and batch scaled to a ~0.1M-parameter model."""
+    gen = GenerationConfig(max_new_tokens=48, batch_size=64)
+    return AlignmentConfig(
+        rounds=5,
+        # Edited refusals off: measured on the demo policy, pooling them cut safety violations (0.55 -> 0.41) but
+        # the ~0.1M-parameter model then refused ordinary prompts more (31% -> 45%), so helpfulness fell.
+        rejection=RejectionConfig(k=10, temperature=1.0, prompts=300, generation=gen, pool_edits=False,
+                                  tokenize=SFTTokenizeConfig(max_tokens=256),
+                                  train=PretrainConfig(lr=5e-4, warmup_steps=2, seq_len=256, batch_tokens=2048,
+                                                       micro_batch_size=8, log_every=10, eval_tokens=8192,
+                                                       num_threads=2),
+                                  epochs=2.0),
+        ppo=PPOConfig(iterations=20, prompts_per_iteration=64, minibatch_size=16, lr=1e-4, max_new_tokens=48,
+                      max_prompt_tokens=192, num_threads=2),
+        dpo=DPOConfig(lr=1e-4, batch_pairs=32, micro_pairs=8, max_tokens=256, last_batches=2, num_threads=2),
+        evaluation=EvalConfig(samples=2, temperature=0.7, generation=gen),
+    )
 
 
 def _tiny_pretraining() -> PretrainingConfig:
@@ -163,7 +192,7 @@ def smoke() -> PipelineConfig:
     )
     return PipelineConfig(name="smoke", fetch=smoke_fetch(), curation=curation, mix=MixConfig(),
                           pretraining=_smoke_pretraining(), sft=_smoke_sft(), preferences=_smoke_preferences(),
-                          rewards=_smoke_rewards())
+                          rewards=_smoke_rewards(), alignment=_smoke_alignment())
 
 
 def _smoke_sft() -> SFTConfig:
@@ -184,6 +213,23 @@ def _smoke_rewards() -> RewardsConfig:
     def rm(category: str, other: float) -> RMConfig:
         return RMConfig(category=category, other_ratio=other, lr=1e-3, batch_pairs=8, micro_pairs=8, max_tokens=96)
     return RewardsConfig(helpfulness=rm("helpfulness", 1.0), safety=rm("safety", 1.0 / 9.0))
+
+
+def _smoke_alignment() -> AlignmentConfig:
+    gen = GenerationConfig(max_new_tokens=12, batch_size=16)
+    # every algorithm once: V1 rejection sampling, V2 rejection sampling then PPO, V3 DPO
+    return AlignmentConfig(
+        rounds=3,
+        schedule=[["rejection_sampling"], ["rejection_sampling", "ppo"], ["dpo"]],
+        rejection=RejectionConfig(k=3, prompts=12, generation=gen, tokenize=SFTTokenizeConfig(max_tokens=96),
+                                  train=PretrainConfig(lr=1e-3, warmup_steps=1, seq_len=96, batch_tokens=768,
+                                                       micro_batch_size=8, log_every=5, eval_tokens=2048),
+                                  epochs=1.0),
+        ppo=PPOConfig(iterations=2, prompts_per_iteration=8, minibatch_size=4, lr=1e-4, max_new_tokens=12,
+                      max_prompt_tokens=64),
+        dpo=DPOConfig(lr=1e-4, batch_pairs=8, micro_pairs=4, max_tokens=96, last_batches=1),
+        evaluation=EvalConfig(prompts=16, samples=1, generation=gen, n_boot=100),
+    )
 
 
 PRESETS = {"tiny": tiny, "smoke": smoke}
@@ -212,7 +258,7 @@ def _format_errors(exc: ValidationError, where: str, prefix: str) -> str:
 
 
 SECTIONS = {"pipeline": None, "fetch": "fetch", "curation": "curation", "mix": "mix", "pretraining": "pretraining",
-            "sft": "sft", "preferences": "preferences", "rewards": "rewards"}
+            "sft": "sft", "preferences": "preferences", "rewards": "rewards", "alignment": "alignment"}
 
 
 def load_section(section: str, preset: str = "tiny", path: str | Path | None = None) -> Any:

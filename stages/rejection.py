@@ -3,7 +3,9 @@
 For each prompt, sample K responses from the current policy at a raised temperature, score them with
 the reward models, keep the best, and fine-tune the policy on the kept (prompt, best) pairs with the
 SFT machinery (answer tokens only). Llama 2 found T in 1.2-1.3 best for K >= 10 and pooled the best
-samples of all earlier iterations to avoid regressions; Llama 3 used K = 10-30.
+samples of all earlier iterations to avoid regressions; Llama 3 used K = 10-30. Here pooled candidates
+(earlier rounds' kept samples, and the annotators' edited responses of the preference batches) are
+rescored by the current reward models next to the new samples, and each prompt keeps its best.
 
 The spread of rewards among one prompt's samples is the improvement RS can deliver; the stage logs
 max-minus-median reward per prompt (Llama 2 Fig. 7) alongside the mean and best reward.
@@ -48,8 +50,10 @@ class RejectionConfig(StageConfig):
     temperature: float = Field(1.2, gt=0, description="sampling temperature (Llama 2: 1.2-1.3 best for K >= 10)")
     prompts: int = Field(512, ge=1, description="prompts sampled per round from the collect pool")
     safety_share: float = Field(0.3, ge=0, le=1, description="share of safety prompts among them")
-    pool_previous: bool = Field(True, description="fine-tune on the best samples of earlier rounds too (Llama 2 "
-                                "pooled all prior iterations' top samples to avoid regressions)")
+    pool_previous: bool = Field(True, description="earlier rounds' kept samples join the candidates, rescored by the "
+                                "current RMs (Llama 2 pooled all prior iterations' top samples to avoid regressions)")
+    pool_edits: bool = Field(True, description="the annotators' edited responses of the preference batches join the "
+                             "candidates too (human-written answers, kept when the RMs rank them best)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="generation settings")
     tokenize: SFTTokenizeConfig = Field(default_factory=lambda: SFTTokenizeConfig(heldout_fraction=0.05),
                                         description="chat rendering of the kept samples")
@@ -72,13 +76,30 @@ def _conversation(row: dict) -> dict:
             "messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]}
 
 
+def annotator_edits(batch_dirs: Sequence[str | Path]) -> list[dict]:
+    """The annotators' edited responses of stored preference batches (``{"id", "prompt", "category", "response"}``):
+    human-written answers that rejection sampling may keep when the reward models rank them best."""
+    from stages.preferences import read_batch, record_from_row
+
+    out = []
+    for d in batch_dirs:
+        for row in read_batch(Path(d)):
+            rec = record_from_row(row)
+            if rec.edited is not None and isinstance(rec.prompt, str):
+                out.append({"id": f"edit/{row['record_sha256'][:12]}", "prompt": rec.prompt, "category": rec.category,
+                            "response": rec.edited})
+    return out
+
+
 def rejection_sample(cfg: RejectionConfig, policy_dir: str | Path, reward_fn: RewardFn, prompts: Sequence[dict],
-                     out_dir: str | Path, *, pooled: Sequence[str | Path] = (), round_index: int = 0,
-                     sink: MetricsSink = NULL_SINK) -> PolicyResult:
+                     out_dir: str | Path, *, pooled: Sequence[str | Path] = (), edits: Sequence[dict] = (),
+                     round_index: int = 0, sink: MetricsSink = NULL_SINK) -> PolicyResult:
     """Sample ``cfg.k`` responses per prompt from ``policy_dir``, keep the best by ``reward_fn``, fine-tune.
 
-    ``prompts``: the pool to draw from (``{"id", "prompt", "category"}``); ``pooled``: ``best.jsonl`` files of
-    earlier rounds, merged into the fine-tuning set (a prompt seen twice keeps its higher-reward sample).
+    ``prompts``: the pool to draw from (``{"id", "prompt", "category"}``). The kept samples of earlier rounds
+    (``pooled``: their ``best.jsonl`` files; with ``cfg.pool_previous``) and annotators' edited responses
+    (``edits``; with ``cfg.pool_edits``) join the candidates: every candidate is scored by the current reward models, and each prompt
+    keeps its best, so a new sample replaces an older one only when the current RMs prefer it.
     """
     out_dir = Path(out_dir)
     done = read_manifest(out_dir)
@@ -94,27 +115,34 @@ def rejection_sample(cfg: RejectionConfig, policy_dir: str | Path, reward_fn: Re
     del model
     categories = [p["category"] for p in drawn for _ in range(cfg.k)]
     rewards = np.asarray(reward_fn(texts, responses, categories), dtype=np.float64).reshape(len(drawn), cfg.k)
-    best = rewards.argmax(axis=1)
     gain = rewards.max(axis=1) - np.median(rewards, axis=1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept = []
+    candidates: dict[str, list[dict]] = {}
     with open(out_dir / ".samples.jsonl.tmp", "w") as fh:
         for i, p in enumerate(drawn):
             for j in range(cfg.k):
-                fh.write(json.dumps({"id": p["id"], "prompt": p["prompt"], "category": p["category"], "sample": j,
-                                     "response": responses[i * cfg.k + j], "reward": float(rewards[i, j])},
-                                    ensure_ascii=False) + "\n")
-            kept.append({"id": p["id"], "prompt": p["prompt"], "category": p["category"], "round": round_index,
-                         "response": responses[i * cfg.k + best[i]], "reward": float(rewards[i, best[i]]),
-                         "max_minus_median": float(gain[i])})
+                row = {"id": p["id"], "prompt": p["prompt"], "category": p["category"], "round": round_index,
+                       "source": f"sample-{j}", "response": responses[i * cfg.k + j], "reward": float(rewards[i, j])}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                candidates.setdefault(p["prompt"], []).append(row)
     (out_dir / ".samples.jsonl.tmp").replace(out_dir / "samples.jsonl")
-    (out_dir / "best.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    train_rows = {r["prompt"]: r for r in kept}
-    if cfg.pool_previous:
-        for f in pooled:
-            for _, row in iter_jsonl(f):
-                if row["prompt"] not in train_rows or row["reward"] > train_rows[row["prompt"]]["reward"]:
-                    train_rows[row["prompt"]] = row
+    (out_dir / "best.jsonl").write_text("".join(
+        json.dumps(max(candidates[p["prompt"]], key=lambda r: r["reward"]), ensure_ascii=False) + "\n" for p in drawn))
+    earlier: list[dict] = []
+    if cfg.pool_previous or cfg.pool_edits:
+        seen = {(r["prompt"], r["response"]) for rows in candidates.values() for r in rows}
+        rows = [{**r, "source": f"round-{r.get('round')}"} for f in pooled for _, r in iter_jsonl(f)] \
+            if cfg.pool_previous else []
+        for row in rows + ([{**e, "source": "edit"} for e in edits] if cfg.pool_edits else []):
+            if (row["prompt"], row["response"]) not in seen:
+                seen.add((row["prompt"], row["response"]))
+                earlier.append(row)
+        if earlier:
+            scores = reward_fn([r["prompt"] for r in earlier], [r["response"] for r in earlier],
+                               [r["category"] for r in earlier])
+            for r, sc in zip(earlier, np.asarray(scores, dtype=np.float64)):
+                candidates.setdefault(r["prompt"], []).append({**r, "reward": float(sc)})
+    train_rows = {prompt: max(rows, key=lambda r: r["reward"]) for prompt, rows in candidates.items()}
     train_set = sorted(train_rows.values(), key=lambda r: r["id"])
     (out_dir / "finetune_set.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_set))
     convs = [_conversation(r) for r in train_set]
@@ -122,6 +150,9 @@ def rejection_sample(cfg: RejectionConfig, policy_dir: str | Path, reward_fn: Re
                "reward_best_mean": float(rewards.max(axis=1).mean()),
                "reward_median_mean": float(np.median(rewards, axis=1).mean()),
                "max_minus_median": float(gain.mean()), "finetune_examples": float(len(convs)),
+               "pooled_candidates": float(len(earlier)),
+               "kept_from_earlier": float(sum(r["source"].startswith("round-") for r in train_set)),
+               "kept_edits": float(sum(r["source"] == "edit" for r in train_set)),
                "generated_tokens_per_s": gen["tokens_per_s"], "generated_tokens": gen["tokens"],
                "response_chars_mean": float(np.mean([len(r) for r in responses]))}
     for cat in sorted(set(categories)):

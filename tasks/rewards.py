@@ -63,6 +63,15 @@ def staleness_task(cfg: RMConfig, current_rm: str | None, batch_dir: str, parent
     return {"batch_id": Path(batch_dir).name, **res}
 
 
+def registered_version(name: str, model_dir: str):
+    """The registered version of ``name`` whose ``herd.model_dir`` is ``model_dir`` (None if there is none)."""
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get("herd.model_dir") == model_dir), None)
+
+
 @task(task_run_name="rm-train-{cfg.category}")
 def reward_model_task(cfg: RMConfig, init_dir: str, batch_dirs: list[str], store: str,
                       parent_run_id: str | None) -> dict:
@@ -71,6 +80,12 @@ def reward_model_task(cfg: RMConfig, init_dir: str, batch_dirs: list[str], store
     out = Path(store) / "reward_models" / cfg.category / config_hash(cfg, tree_sha256(init_dir, "*.safetensors"),
                                                                      digests)
     name = REGISTERED[cfg.category]
+    known = registered_version(name, str(out / "model"))
+    if known is not None:  # the same config, init and batches: trained and registered already
+        res = train_reward_model(cfg, init_dir, batch_dirs, out)
+        return {"category": cfg.category, "model_dir": res.model_dir, "version": int(known.version),
+                "registered": name, "heldout": res.heldout, "train_pairs": res.train_pairs, "steps": res.steps,
+                "batches": res.batches, "reused": True}
     with stage_run(f"rm/{cfg.category}/train", cfg, parent_run_id) as rid:
         with MlflowSink(rid) as sink:
             res = train_reward_model(cfg, init_dir, batch_dirs, out, sink=sink)

@@ -1,5 +1,6 @@
 """SFT -> collect a batch -> simulated annotation -> inbox ingest -> reward models, twice (the weekly
-loop), under a Prefect test server with a real MLflow store and registry, on the smoke preset."""
+loop), then three alignment rounds (rejection sampling; rejection sampling + PPO; DPO), under a Prefect
+test server with a real MLflow store and registry, on the smoke preset."""
 
 from __future__ import annotations
 
@@ -90,3 +91,82 @@ def test_reward_models_are_retrained_registered_and_traceable_to_batches(loop):
         names = {d.dataset.name for d in run.inputs.dataset_inputs}
         assert {f"preferences/{b}" for b in second["batches"]} <= names and "sft-model" in names
         assert (Path(rm["model_dir"]) / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ alignment rounds
+
+
+@pytest.fixture(scope="module")
+def rounds(loop):
+    from flows.rounds import alignment_round_flow
+
+    cfg = loop["cfg"]
+    return [alignment_round_flow(cfg.alignment, cfg.rewards, cfg.preferences) for _ in range(cfg.alignment.rounds)]
+
+
+def test_rounds_run_the_schedule_and_chain_policies(rounds, loop):
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["algorithms"] for r in rounds] == [["rejection_sampling"], ["rejection_sampling", "ppo"], ["dpo"]]
+    assert rounds[0]["parent"]["model_dir"] == loop["sft"]["model_dir"]
+    for prev, nxt in zip(rounds, rounds[1:]):
+        assert nxt["parent"]["model_dir"] == prev["policy"] and nxt["parent"]["round"] == prev["round"]
+    rs = rounds[0]["steps"][0]["metrics"]
+    assert rs["max_minus_median"] >= 0 and rs["generated_tokens_per_s"] > 0
+    ppo = rounds[1]["steps"][1]["metrics"]
+    assert ppo["iterations"] == loop["cfg"].alignment.ppo.iterations and ppo["kl_last"] == ppo["kl_last"]
+    assert rounds[2]["steps"][0]["metrics"]["pairs"] > 0
+    for r in rounds:
+        assert (Path(r["policy"]) / "model.safetensors").is_file()
+
+
+def test_each_round_ingests_retrains_and_collects_the_next_batch(rounds, loop):
+    # the pipeline's two batches are in before round 1; every round collects one more for the next round
+    for r in rounds:
+        assert r["collected"] is not None and Path(r["collected"]["pairs_file"]).is_file()
+    assert [len(r["staleness"]["helpfulness"]) for r in rounds] == [0, 1, 1]
+    # round 1 has no new batch: the RMs trained on the same batches are reused, not registered again
+    last = loop["rounds"][-1][1]["reward_models"]["safety"]["version"]
+    assert [r["reward_models"]["safety"]["version"] for r in rounds] == [last, last + 1, last + 2]
+
+
+def test_evaluation_reports_win_rates_with_intervals_and_signals(rounds):
+    for r in rounds:
+        ev = r["evaluation"]
+        assert set(ev["vs"]) >= ({"sft"} if r["round"] == 1 else {"sft", "previous"})
+        for vs in ev["vs"].values():
+            for judge in ("judge", "rm"):
+                w = vs[judge]
+                assert 0 <= w["ci_low"] <= w["win_rate"] <= w["ci_high"] <= 1
+        assert 0 <= ev["policy"]["violation"]["rate"] <= 1
+        assert {"kl_to_reference", "entropy", "proxy_reward", "judge_reward", "length_words"} <= set(ev["signals"])
+
+
+def test_policy_versions_carry_their_lineage_and_aliases(rounds):
+    client = mlflow.MlflowClient()
+    for r in rounds:
+        reg = r["registered"]
+        v = client.get_model_version_by_alias("policy", f"rlhf-v{r['round']}")
+        assert int(v.version) == reg["version"] and v.tags["herd.round"] == str(r["round"])
+        assert v.tags["herd.model_dir"] == r["policy"] and v.tags["herd.algorithms"] == ",".join(r["algorithms"])
+        assert v.tags["herd.parent_model_dir"] == r["parent"]["model_dir"]
+        assert v.tags["herd.rm_safety_version"] == str(r["reward_models"]["safety"]["version"])
+        assert len(v.tags["herd.batches"].split(",")) == 2 + r["round"] - 1
+        steps = [client.get_run(x) for x in v.tags["herd.step_runs"].split(",")]
+        names = {d.dataset.name for s in steps for d in s.inputs.dataset_inputs}
+        assert {"parent-policy", "rm-helpfulness", "rm-safety", "policy"} <= names
+    # the champion moved exactly when the judge preferred the new version
+    moved = [r["round"] for r in rounds if r["registered"]["champion"]]
+    champion = client.get_model_version_by_alias("policy", "champion") if moved else None
+    if moved:
+        assert champion.tags["herd.round"] == str(moved[-1])
+    for r in rounds:
+        vs = r["evaluation"]["vs"]
+        key = r["registered"]["vs"]
+        assert r["registered"]["champion"] == (vs[key]["judge"]["win_rate"] > 0.5)
+
+
+def test_a_round_needs_its_predecessor(rounds):
+    from flows.rounds import alignment_round_flow
+
+    with pytest.raises(ValueError, match="RLHF-V8"):
+        alignment_round_flow(round=9)

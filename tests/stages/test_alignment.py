@@ -93,26 +93,36 @@ def test_rejection_sampling_learns_what_the_reward_selects(policy_dir, tmp_path)
     assert again == res
 
 
-def test_rejection_sampling_pools_earlier_rounds_best_samples(policy_dir, tmp_path):
-    earlier = tmp_path / "earlier.jsonl"
-    rows = [{"id": "old/1", "prompt": "An old prompt only seen before.", "category": "helpfulness",
-             "response": "eeee", "reward": 0.9},
-            {"id": PROMPTS[1]["id"], "prompt": PROMPTS[1]["prompt"], "category": "helpfulness", "response": "e",
-             "reward": 2.0}]
-    earlier.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def test_rejection_sampling_pools_earlier_samples_and_edits_under_the_current_reward(policy_dir, tmp_path):
     cfg = _rs_config(prompts=10, epochs=1.0)
-    drawn = {p["prompt"] for p in draw_round_prompts(PROMPTS, 10, cfg.safety_share, f"rs/{cfg.seed}/2")}
+    drawn = sorted(p["prompt"] for p in draw_round_prompts(PROMPTS, 10, cfg.safety_share, f"rs/{cfg.seed}/2"))
     assert PROMPTS[1]["prompt"] not in drawn
-    rows.append({**rows[1], "id": "p-drawn", "prompt": sorted(drawn)[0], "reward": -1.0})  # worse than any new one
+    earlier = tmp_path / "earlier.jsonl"  # a best.jsonl of round 1: its stored rewards are stale, rescored now
+    rows = [{"id": "old/1", "prompt": "An old prompt only seen before.", "category": "helpfulness", "round": 1,
+             "response": "eeee", "reward": 0.0},
+            {"id": PROMPTS[1]["id"], "prompt": PROMPTS[1]["prompt"], "category": "helpfulness", "round": 1,
+             "response": "e e e", "reward": 0.0},
+            {"id": "old/2", "prompt": drawn[0], "category": "helpfulness", "round": 1, "response": "xyz",
+             "reward": 9.0}]  # stale high reward, but the current reward ranks it below any sample
     earlier.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = rejection_sample(cfg, policy_dir, _e_share, PROMPTS, tmp_path / "pooled", pooled=[earlier], round_index=2)
+    edits = [{"id": "edit/1", "prompt": drawn[1], "category": "safety", "response": "eeeeeeeeeeee"}]
+    res = rejection_sample(cfg, policy_dir, _e_share, PROMPTS, tmp_path / "pooled", pooled=[earlier], edits=edits,
+                           round_index=2)
     kept = {r["prompt"]: r for r in map(json.loads, Path(res.files["finetune_set"]).read_text().splitlines())}
-    assert res.metrics["finetune_examples"] == len(kept) == 12  # ten new prompts plus two only seen before
-    assert kept[PROMPTS[1]["prompt"]]["reward"] == 2.0 and kept["An old prompt only seen before."]["response"] == "eeee"
-    assert kept[sorted(drawn)[0]]["reward"] > -1.0  # the new, better sample replaced the pooled one
-    off = rejection_sample(cfg.derive(pool_previous=False), policy_dir, _e_share, PROMPTS, tmp_path / "alone",
-                           pooled=[earlier], round_index=2)
-    assert off.metrics["finetune_examples"] == 10
+    assert res.metrics["finetune_examples"] == len(kept) == 12  # ten drawn prompts plus two only seen before
+    assert kept["An old prompt only seen before."]["source"] == "round-1"
+    assert kept["An old prompt only seen before."]["reward"] == pytest.approx(0.95)  # rescored, not the stored 0.0
+    assert kept[drawn[0]]["source"].startswith("sample-")  # the stale 9.0 does not win
+    assert kept[drawn[1]]["source"] == "edit" and res.metrics["kept_edits"] == 1  # the edit scores best
+    assert res.metrics["pooled_candidates"] == 4 and res.metrics["kept_from_earlier"] == 2
+    best = [json.loads(x) for x in Path(res.files["best"]).read_text().splitlines()]
+    assert len(best) == 10 and all(b["source"].startswith("sample-") for b in best)  # what later rounds pool
+    off = rejection_sample(cfg.derive(pool_previous=False, pool_edits=False), policy_dir, _e_share, PROMPTS,
+                           tmp_path / "alone", pooled=[earlier], edits=edits, round_index=2)
+    assert off.metrics["finetune_examples"] == 10 and off.metrics["pooled_candidates"] == 0
+    edits_only = rejection_sample(cfg.derive(pool_previous=False), policy_dir, _e_share, PROMPTS, tmp_path / "edits",
+                                  pooled=[earlier], edits=edits, round_index=2)
+    assert edits_only.metrics["pooled_candidates"] == 1 and edits_only.metrics["kept_edits"] == 1
 
 
 def test_round_prompts_keep_the_safety_share_and_are_seeded():
