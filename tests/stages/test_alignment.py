@@ -4,24 +4,21 @@ maps rounds to algorithms (Llama 2's by default, Llama 3's one override away).""
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from stages.alignment import ALGORITHMS, Algorithm, AlignmentConfig
 from stages.collect import GenerationConfig, generate, load_policy
 from stages.common import MemorySink
 from stages.evaluate import EvalConfig, bootstrap_ci, evaluate_policy, rate_with_ci, win_rate
-from stages.model import ModelConfig, build_model
 from stages.presets import load_section, tiny
 from stages.pretrain import PretrainConfig
 from stages.rejection import RejectionConfig, draw_round_prompts, rejection_sample
 from stages.sft_data import SFTTokenizeConfig
-from stages.tokenizer import TokenizerConfig, train_tokenizer
+from tests.stages._policy import make_policy, one_thread
 
 PROMPTS = [{"id": f"p{i:02d}", "prompt": f"Tell me something, number {i}.",
             "category": "safety" if i % 5 == 0 else "helpfulness"} for i in range(40)]
@@ -29,27 +26,13 @@ PROMPTS = [{"id": f"p{i:02d}", "prompt": f"Tell me something, number {i}.",
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("rs-policy")
-    (root / "data").mkdir()
-    with gzip.open(root / "data" / "00000.jsonl.gz", "wt") as fh:
-        for i in range(60):
-            fh.write(json.dumps({"id": f"d{i}", "text": f"Tell me something. Every evening we see trees, {i}. "
-                                 "Go away now, dummy.", "source": "qa"}) + "\n")
-    out = root / "policy"
-    train_tokenizer(TokenizerConfig(vocab_size=300), [root], out)
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(str(out), local_files_only=True))
-    build_model(ModelConfig.from_flavour("debug"), vocab, seed=0).save_pretrained(out)
-    return out
+    """A random-init debug Llama on a 300-token BPE, saved as a policy folder."""
+    return make_policy(tmp_path_factory.mktemp("rs-policy"), [f"Tell me something. Every evening we see trees, {i}. Go away now, dummy." for i in range(60)])
 
 
 def _e_share(prompts, responses, categories) -> np.ndarray:

@@ -3,7 +3,6 @@ prefers the chosen pattern afterwards, formatting tokens stay out of the DPO ter
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -15,10 +14,9 @@ import torch
 from stages.collect import load_policy
 from stages.common import MemorySink
 from stages.dpo import DPOConfig, dpo, formatting_ids, logps, response_tokens
-from stages.model import ModelConfig, build_model
 from stages.ppo import PPOConfig, Rollout, policy_logps, ppo, rollout, stop_ids, value_model
 from stages.preferences import ingest_file
-from stages.tokenizer import TokenizerConfig, train_tokenizer
+from tests.stages._policy import make_policy, one_thread
 
 FACTS = ["The capital of France is Paris", "A spider has eight legs", "Water boils at one hundred degrees",
          "Shakespeare wrote Hamlet", "Jupiter is the largest planet", "The sky is blue on a clear day",
@@ -28,28 +26,13 @@ GOOD, BAD = " Hope this helps!", " Go away now."
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> Path:
     """A random-init debug Llama on a 300-token BPE, saved as a policy folder."""
-    root = tmp_path_factory.mktemp("rl-policy")
-    (root / "data").mkdir()
-    with gzip.open(root / "data" / "00000.jsonl.gz", "wt") as fh:
-        for i in range(60):
-            f = FACTS[i % len(FACTS)]
-            fh.write(json.dumps({"id": f"d{i}", "text": f"Tell me a fact. {f}.{GOOD}{BAD}", "source": "qa"}) + "\n")
-    out = root / "policy"
-    train_tokenizer(TokenizerConfig(vocab_size=300), [root], out)
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(str(out), local_files_only=True))
-    build_model(ModelConfig.from_flavour("debug"), vocab, seed=0).save_pretrained(out)
-    return out
+    return make_policy(tmp_path_factory.mktemp("rl-policy"), [f"Tell me a fact. {FACTS[i % len(FACTS)]}.{GOOD}{BAD}" for i in range(60)])
 
 
 # ------------------------------------------------------------------ PPO
