@@ -8,9 +8,10 @@ from prefect import flow
 
 from herd.settings import load_settings
 from stages.collect import PreferenceLoopConfig
+from stages.common import confined
 from stages.presets import tiny
 from stages.preferences import batch_dirs
-from stages.reward import RewardsConfig
+from stages.reward import RewardsConfig, trained_batches
 from stages.sft import SFTConfig
 from tasks.common import get_latest, set_latest
 from tasks.progress import report
@@ -21,8 +22,10 @@ from tasks.tracking import parent_run
 
 def _base(config: SFTConfig, base_model: str | None, tokenizer: str | None) -> tuple[str, str]:
     s = load_settings()
-    if base_model is None and config.base != "pretrained":
-        base_model = config.base
+    if base_model is None and config.base != "pretrained":  # a config (YAML, UI form) names a folder: keep it home
+        base_model = str(confined(config.base, s.home, field="sft.base", hint="keep models under $HERD_HOME "
+                                  "(`herd models import` writes $HERD_HOME/models/NAME) or name the folder with "
+                                  "`herd sft --base DIR`"))
     if base_model is not None:  # a user's model folder carries its own tokenizer unless one is named
         return base_model, tokenizer or base_model
     model, tok = get_latest(s.home, "model"), tokenizer or get_latest(s.home, "tokenizer")
@@ -35,7 +38,14 @@ def _base(config: SFTConfig, base_model: str | None, tokenizer: str | None) -> t
 @flow(name="sft")
 def sft_flow(config: SFTConfig = tiny().sft, base_model: str | None = None, tokenizer: str | None = None,
              parent_run_id: str | None = None) -> dict:
-    """Supervised fine-tuning of the pretrained (or a given) Llama on chat data: answer tokens only."""
+    """Supervised fine-tuning of the pretrained (or a given) Llama on chat data: answer tokens only.
+
+    Args:
+        config: Chat data sources, tokenization, optimiser, epochs and the base model (`base`).
+        base_model: Folder of a saved LlamaForCausalLM (safetensors) to fine-tune instead of `config.base`.
+        tokenizer: Tokenizer folder (default: the base model's own, else herd's latest tokenizer).
+        parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+    """
     s = load_settings()
     base, tok = _base(config, base_model, tokenizer)
     with parent_run("sft", config, parent_run_id) as run_id:
@@ -52,7 +62,15 @@ def preference_collect_flow(config: PreferenceLoopConfig = tiny().preferences, p
                             batch_index: int | None = None, simulate_annotator: bool = True,
                             parent_run_id: str | None = None) -> dict:
     """Sample two responses per prompt from the policy (the next batch to annotate); with
-    ``simulate_annotator`` the rubric annotator labels it into the inbox, as a human export would land."""
+    ``simulate_annotator`` the rubric annotator labels it into the inbox, as a human export would land.
+
+    Args:
+        config: Sampling (prompts, temperatures, generation) and the simulated annotator.
+        policy: Chat model folder to sample from (default: the latest policy, else the SFT model).
+        batch_index: Number of the batch (default: one more than the batches collected so far).
+        simulate_annotator: Label the pairs with the rubric annotator into $HERD_HOME/preferences/inbox.
+        parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+    """
     s = load_settings()
     policy = policy or get_latest(s.home, "policy") or get_latest(s.home, "sft_model")
     sft_data = get_latest(s.home, "sft_data")
@@ -74,8 +92,14 @@ def preference_collect_flow(config: PreferenceLoopConfig = tiny().preferences, p
 @flow(name="reward-models")
 def reward_models_flow(config: RewardsConfig = tiny().rewards, sft_model: str | None = None,
                        parent_run_id: str | None = None) -> dict:
-    """Ingest new exports, score the current RMs on each new batch (staleness), then retrain both RMs on
-    every batch so far and register them (`rm-helpfulness`, `rm-safety`)."""
+    """Ingest new exports, score the current RMs on each batch they were not trained on (staleness), then
+    retrain both RMs on every batch so far and register them (`rm-helpfulness`, `rm-safety`).
+
+    Args:
+        config: The helpfulness and safety reward-model configs.
+        sft_model: SFT model folder the reward models start from (default: the latest SFT model).
+        parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+    """
     from flows.preferences import preference_inbox_flow
 
     s = load_settings()
@@ -87,11 +111,15 @@ def reward_models_flow(config: RewardsConfig = tiny().rewards, sft_model: str | 
         batches = [str(d) for d in batch_dirs(s.preferences)]
         if not batches:
             raise ValueError(f"no preference batches under {s.preferences}: ingest an export first")
-        new = [r["batch_dir"] for r in inbox["ingested"] if r.get("batch_dir")]
-        results, stale = {}, {}
+        ingested = [r["batch_dir"] for r in inbox["ingested"] if r.get("batch_dir")]
+        results, stale, new = {}, {}, []
         for rm in (config.helpfulness, config.safety):
             current = get_latest(s.home, f"rm_{rm.category}")
-            stale[rm.category] = [x for x in (staleness_task(rm, current, b, run_id) for b in new) if x]
+            # new to the current RM, whoever ingested them (the preference-inbox deployment may have run first)
+            seen = trained_batches(current) if current else None
+            unseen = ingested if seen is None else [b for b in batches if Path(b).name not in seen]
+            new += [b for b in unseen if b not in new]
+            stale[rm.category] = [x for x in (staleness_task(rm, current, b, run_id) for b in unseen) if x]
             results[rm.category] = reward_model_task(rm, init, batches, str(s.store), run_id)
             report(f"rm-{rm.category}", {})
     set_latest(s.home, rm_helpfulness=results["helpfulness"]["model_dir"], rm_safety=results["safety"]["model_dir"])

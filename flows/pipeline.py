@@ -19,7 +19,11 @@ from tasks.tracking import parent_run
 def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
     """The end-to-end pipeline: fetch -> curate -> mix -> tokenizer -> IsoFLOP sweep -> fit -> pretrain -> SFT ->
     (collect a preference batch -> annotate -> ingest -> retrain the reward models) per batch -> alignment rounds
-    (RLHF-V1..V(n): retrain the RMs, rejection sampling / PPO / DPO, evaluate, register, collect the next batch)."""
+    (RLHF-V1..V(n): retrain the RMs, rejection sampling / PPO / DPO, evaluate, register, collect the next batch).
+
+    Args:
+        config: Every stage's config (fetch, curation, mix, pretraining, sft, preferences, rewards, alignment).
+    """
     s = load_settings()
     with parent_run("herd-pipeline", config) as run_id:
         fetched = data_fetch_flow(config.fetch, parent_run_id=run_id)

@@ -23,7 +23,14 @@ from tasks.tracking import parent_run
 @flow(name="tokenizer")
 def tokenizer_flow(inputs: list[str], output: str | None = None, config: PretrainingConfig = tiny().pretraining,
                    parent_run_id: str | None = None) -> dict:
-    """Train the byte-level BPE on the mixed corpus, report compression, and write token shards."""
+    """Train the byte-level BPE on the mixed corpus, report compression, and write token shards.
+
+    Args:
+        inputs: The mixed corpus: folders or .jsonl(.gz) files.
+        output: Folder for the tokenizer (Hugging Face format; default: under $HERD_HOME/store).
+        config: The pretraining config; its `tokenizer` and `tokenize` sections are used.
+        parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+    """
     s = load_settings()
     with parent_run("tokenizer", config.tokenizer, parent_run_id) as run_id:
         tok = tokenizer_task(config.tokenizer, inputs, str(s.store), output, run_id)
@@ -46,7 +53,14 @@ def _tokens(tokens: str | None) -> dict:
 @flow(name="scaling-sweep")
 def scaling_sweep_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | None = None,
                        output: str | None = None, parent_run_id: str | None = None) -> dict:
-    """IsoFLOP sweep: for each budget C, models of several sizes trained on D = C/(6N) tokens, in parallel."""
+    """IsoFLOP sweep: for each budget C, models of several sizes trained on D = C/(6N) tokens, in parallel.
+
+    Args:
+        config: The pretraining config; its `sweep`, `sweep_train` and `sweep_workers` are used.
+        tokens: Folder of token shards (default: the latest the tokenizer flow wrote).
+        output: Folder for runs.csv (default: under $HERD_HOME/store/scaling).
+        parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+    """
     s = load_settings()
     data = _tokens(tokens)
     with parent_run("scaling-sweep", config.sweep, parent_run_id) as run_id:
@@ -79,7 +93,15 @@ def scaling_sweep_flow(config: PretrainingConfig = tiny().pretraining, tokens: s
 @flow(name="scaling-fit")
 def scaling_fit_flow(runs_csv: str, output: str | None = None, config: FitConfig = tiny().pretraining.fit,
                      budget: float = tiny().pretraining.budget, parent_run_id: str | None = None) -> dict:
-    """IsoFLOP (Approach 2) and parametric (Approach 3) fits with bootstrap CIs; recommends N, D for `budget`."""
+    """IsoFLOP (Approach 2) and parametric (Approach 3) fits with bootstrap CIs; recommends N, D for `budget`.
+
+    Args:
+        runs_csv: CSV with columns N, D, C, loss (the sweep's runs.csv).
+        output: Folder for fit.json and the IsoFLOP figure (default: under $HERD_HOME/store/scaling/fit).
+        config: Fit settings (Huber delta, initial-guess grids, L-BFGS, bootstrap confidence intervals).
+        budget: Compute budget C in FLOPs to recommend a model size N and token count D for.
+        parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+    """
     s = load_settings()
     out = output or str(s.store / "scaling" / "fit" / config_hash("fit", config, budget, Path(runs_csv).read_text()))
     with parent_run("scaling-fit", config, parent_run_id) as run_id:
@@ -92,7 +114,14 @@ def scaling_fit_flow(runs_csv: str, output: str | None = None, config: FitConfig
 @flow(name="pretrain")
 def pretrain_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | None = None,
                   fit: str | None = None, parent_run_id: str | None = None) -> dict:
-    """Pretrain a Llama; size `auto` takes the latest scaling fit's recommendation for `config.budget`."""
+    """Pretrain a Llama; size `auto` takes the latest scaling fit's recommendation for `config.budget`.
+
+    Args:
+        config: The pretraining config; `size`, `budget`, `train` and `nproc` are used.
+        tokens: Folder of token shards (default: the latest the tokenizer flow wrote).
+        fit: A scaling fit's fit.json, used when `size` is `auto` (default: the latest fit).
+        parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+    """
     s = load_settings()
     data = _tokens(tokens)
     fit_path = fit or get_latest(s.home, "fit")

@@ -29,7 +29,15 @@ def alignment_round_flow(config: AlignmentConfig = tiny().alignment, rewards: Re
     """One alignment round: ingest new preference batches, retrain the reward models, produce RLHF-V(n) with the
     scheduled algorithms (rejection sampling, PPO, DPO), evaluate it against V(n-1) and SFT, register it as
     `policy` (alias rlhf-v<n>, `champion` when the judge prefers it) and collect the next batch from it.
-    ``round`` defaults to the registry's newest round + 1."""
+    ``round`` defaults to the registry's newest round + 1.
+
+    Args:
+        config: The alignment schedule (algorithms per round), rejection sampling, PPO, DPO and evaluation.
+        rewards: The helpfulness and safety reward-model configs.
+        preferences: How the next batch is collected and (simulated) annotated.
+        round: Round n to run (default: the `policy` registry's newest round + 1).
+        parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+    """
     s = load_settings()
     sft_model, sft_data = get_latest(s.home, "sft_model"), get_latest(s.home, "sft_data")
     if not sft_model or not sft_data:

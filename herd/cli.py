@@ -539,8 +539,8 @@ def deploy(prefect_file: Path = typer.Option(PREFECT_YAML, "--prefect-file",
            worker: bool = typer.Option(True, "--worker/--no-worker", help="start a process worker for the work "
                                        "pool (--no-worker when other workers serve it)"),
            poll: float = typer.Option(5.0, "--poll", help="seconds between scans of the preference inbox")) -> None:
-    """Register herd's deployments (infra/prefect.yaml: the weekly, inbox-triggered alignment-round, herd-pipeline,
-    preference-inbox, reward-models, sft), then run a worker for their pool and the inbox watcher until Ctrl-C."""
+    """Register herd's deployments (infra/prefect.yaml: one per flow; the weekly, inbox-triggered alignment-round,
+    the inbox-triggered preference-inbox), then run a worker for their pool and the inbox watcher until Ctrl-C."""
     import os
     import signal
     import subprocess

@@ -2,8 +2,9 @@
 
 An annotation export landing in the preference inbox is announced as the event
 ``herd.preferences.inbox.landed`` on the resource ``herd.inbox.<file name>``, with payload
-``{"path", "stamp"}``. The ``alignment-round`` deployment (``infra/prefect.yaml``) has an automation
-expecting it, so a new batch starts a round; automations run on the open-source Prefect server.
+``{"path", "stamp"}``. The ``alignment-round`` and ``preference-inbox`` deployments (``infra/prefect.yaml``)
+each have an automation expecting it, so a new batch is ingested at once and starts a round; automations
+run on the open-source Prefect server.
 
 :class:`InboxWatcher` runs inside ``herd deploy``: it polls the inbox every few seconds and emits one
 event per export file that is new or changed, skipping files the inbox flow has already ingested in

@@ -124,6 +124,32 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def confined(path: str | Path, *roots: str | Path, field: str, error: type[Exception] | None = None,
+             file: str | None = None, hint: str = "") -> Path:
+    """``path`` resolved (symlinks followed, ``..`` collapsed; a relative path against the working directory),
+    provided it lies strictly inside one of ``roots`` (resolved the same way).
+
+    Guards every path built from a config value, a batch id, a URL or file content before herd reads or
+    writes it: join first (``confined(root / name, root, field="batch_id")``), then check. Otherwise raises
+    ``error`` (``ConfigError`` by default; ``DataValidationError`` for paths from data, with the ``file`` that
+    held the value) naming ``field``; ``hint`` says what to do instead.
+    """
+    from stages.errors import ConfigError, DataValidationError
+
+    if not roots:
+        raise ValueError("confined() needs at least one root")
+    target = Path(path).expanduser().resolve()
+    bases = [Path(r).expanduser().resolve() for r in roots]
+    if any(b in target.parents for b in bases):
+        return target
+    error = error or ConfigError
+    where = " or ".join(str(b) for b in bases)
+    reason = f"{str(path)!r} resolves to {target}, outside {where}; " + (hint or "paths here must stay inside it")
+    if issubclass(error, DataValidationError):
+        raise error(reason, file=file, field=field)
+    raise error(f"{field}: {reason}")
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -197,13 +197,26 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int = 0):
     return model
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def require_safetensors(model_dir: str | Path) -> Path:
+    """``model_dir`` if it holds ``*.safetensors`` weights; else ``MissingAssetError`` (a folder with only
+    ``pytorch_model.bin`` & co. is refused: those are pickles, and loading a pickle runs its code)."""
+    model_dir = Path(model_dir)
+    if not any(model_dir.glob("*.safetensors")):
+        pickled = sorted(p.name for pat in PICKLED_WEIGHTS for p in model_dir.glob(pat))
+        found = f" (found {', '.join(pickled)}: pickled weights, never loaded)" if pickled else ""
+        raise MissingAssetError(f"no *.safetensors weights in {model_dir}{found}; herd loads models only from "
+                                "safetensors: re-save the model with save_pretrained(..., safe_serialization=True)")
+    return model_dir
+
+
 def load_causal_lm(model_dir: str | Path, attn_implementation: str = "sdpa"):
     """A saved ``LlamaForCausalLM`` (safetensors only: no pickle), fp32 on CPU, for training or scoring."""
     from transformers import LlamaForCausalLM
 
-    model_dir = Path(model_dir)
-    if not any(model_dir.glob("*.safetensors")):
-        raise MissingAssetError(f"no *.safetensors weights in {model_dir}; herd loads models only from safetensors")
+    model_dir = require_safetensors(model_dir)
     model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
                                              dtype=torch.float32, attn_implementation=attn_implementation)
     model.config.use_cache = False

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from stages.common import atomic_dir, canonical_json, file_sha256, write_json_atomic
+from stages.common import atomic_dir, canonical_json, confined, file_sha256, write_json_atomic
 from stages.errors import ConfigError, DataValidationError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_bett
 CATEGORIES = ("helpfulness", "safety")
 Rating = Literal["significantly_better", "better", "slightly_better", "negligibly_better"]
 Category = Literal["helpfulness", "safety"]
-BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one folder name (fullmatch)
 COLUMNS = ("record_sha256", "id", "prompt", "chosen", "rejected", "edited", "rating", "category", "annotator_id",
            "source_file", "source_line")
 
@@ -228,14 +228,21 @@ class IngestResult(BaseModel):
 
 
 @contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def _locked(root: Path, name: str = ".lock") -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as fh:
+    with open(root / name, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def inbox_lock(root: str | Path):
+    """Exclusive lock for one inbox scan under ``root`` (``<root>/.inbox.lock``, across processes): a scan
+    reads, updates and rewrites the inbox ledger, so two at once would lose each other's entries. Separate
+    from the batch store's lock, which :func:`ingest_file` takes inside a scan."""
+    return _locked(Path(root), ".inbox.lock")
 
 
 def batch_dirs(root: str | Path) -> list[Path]:
@@ -291,8 +298,9 @@ def ingest_file(path: str | Path, root: str | Path, batch_id: str | None = None)
     path, root = Path(path), Path(root)
     if not path.is_file():
         raise DataValidationError("no such file", file=str(path))
-    if batch_id is not None and not BATCH_ID.match(batch_id):
-        raise ConfigError(f"batch id {batch_id!r}: use letters, digits, '.', '_' or '-' (at most 128)")
+    if batch_id is not None and not (isinstance(batch_id, str) and BATCH_ID.fullmatch(batch_id)):
+        raise ConfigError(f"batch_id (--batch-id) {batch_id!r}: a batch id is one folder name: start with a letter "
+                          "or digit, then letters, digits, '.', '_' or '-' (at most 128); no '/', no '..' paths")
     with _locked(root):
         seen = stored_digests(root)
         accepted: list[dict[str, Any]] = []
@@ -314,6 +322,7 @@ def ingest_file(path: str | Path, root: str | Path, batch_id: str | None = None)
         qname = (batch_id or f"file-{file_sha256(path)[:16]}") + ".jsonl"
         if rejected:
             qfile = root / "quarantine" / qname
+            confined(qfile, root / "quarantine", field="batch_id")
             qfile.parent.mkdir(parents=True, exist_ok=True)
             tmp = qfile.with_name(f".{qfile.name}.tmp")
             tmp.write_text("".join(r.model_dump_json() + "\n" for r in rejected))
@@ -325,6 +334,7 @@ def ingest_file(path: str | Path, root: str | Path, batch_id: str | None = None)
         now = datetime.now(UTC)
         bid = batch_id or f"b{now:%Y%m%d}-{content[:12]}"
         target = root / "batches" / bid
+        confined(target, root / "batches", field="batch_id")
         if (target / "manifest.json").exists():
             raise ConfigError(f"batch id {bid!r} already names a stored batch ({target}); batches are immutable, "
                               "pick another --batch-id")

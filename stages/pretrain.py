@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import pickle
 import random
 import re
 import resource
@@ -159,7 +160,7 @@ class TokenSplit:
                 file=str(self.dir / "tokens.bin"), field="dtype",
             )
         src_path = self.dir / "doc_sources.npy"
-        sources = np.load(src_path, allow_pickle=True) if src_path.is_file() else np.zeros(len(self.offsets) - 1)
+        sources = np.load(src_path) if src_path.is_file() else np.zeros(len(self.offsets) - 1)  # no pickled arrays
         names_path = self.dir / "sources.json"  # doc_sources may index a list of source names
         if names_path.is_file() and np.issubdtype(np.asarray(sources).dtype, np.integer):
             names = json.loads(names_path.read_text())
@@ -283,7 +284,12 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values, so a checkpoint loads with ``torch.load(weights_only=True)``
+    (numpy's state is an ndarray, which that loader refuses: its keys are stored as a tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -291,7 +297,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -445,7 +452,12 @@ def pretrain(
         from safetensors.torch import load_model
 
         ck_step, ck_dir = ckpts[-1]
-        state = torch.load(ck_dir / "state.pt", map_location="cpu", weights_only=False)
+        try:  # tensors and plain values only: a checkpoint folder can never run code
+            state = torch.load(ck_dir / "state.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(f"checkpoint {ck_dir / 'state.pt'} holds more than tensors and plain values (written "
+                              f"by an older herd?) and is not loaded: delete {ck_dir} or use resume=False. "
+                              f"({str(exc).splitlines()[0]})") from None
         if state.get("model_key") != model_key:
             raise ConfigError(f"checkpoint {ck_dir} was written for another model/vocab; use a fresh out_dir or resume=False")
         load_model(raw_model, str(ck_dir / "model.safetensors"), device=str(device))

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, read_manifest, write_json_atomic
 from stages.errors import DataValidationError
 from stages.losses import margin_for, pair_accuracy, ranking_loss
+from stages.model import require_safetensors
 from stages.preferences import RATINGS, read_batch, record_from_row
 from stages.pretrain import lr_factor
 
@@ -143,7 +144,7 @@ def load_reward_model(model_dir: str | Path, *, from_causal_lm: bool = False, se
     """``(model, tokenizer)``: a saved RM, or (``from_causal_lm``) a new RM on a causal LM's trunk."""
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    model_dir = Path(model_dir)
+    model_dir = require_safetensors(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     from transformers.utils import logging as hf_logging
 
@@ -287,6 +288,13 @@ def staleness(rm_dir: str | Path, batch_dir: str | Path, cfg: RMConfig) -> dict[
     model, tok = load_reward_model(rm_dir)
     pairs = [p for p in batch_pairs(batch_dir, cfg.margin) if p.category == cfg.category]
     return evaluate_pairs(model, tok, pairs, cfg.max_tokens)
+
+
+def trained_batches(rm_dir: str | Path) -> list[str] | None:
+    """Ids of the batches the RM saved in ``rm_dir`` (``<out_dir>/model``) was trained on, from its stage
+    manifest; None when there is no such manifest (an RM herd did not train)."""
+    done = read_manifest(Path(rm_dir).parent)
+    return list(done["result"]["batches"]) if done and "result" in done else None
 
 
 

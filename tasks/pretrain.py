@@ -43,7 +43,7 @@ def _samples(model_dir: Path, tokenizer_dir: str, n_tokens: int = 40) -> list[di
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True).eval()
     out = []
     torch.manual_seed(0)
     for p in PROMPTS:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import file_sha256
-from stages.errors import MissingAssetError
+from stages.common import confined, file_sha256
+from stages.errors import DataValidationError, MissingAssetError
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,8 @@ def _read_text(path: Path) -> str:
 def load_e2guardian_phrases(root: str | Path, lists: tuple[str, ...] | list[str] = E2G_DEFAULT_LISTS,
                             percent_base: float = 100.0) -> list[WeightedPhrase]:
     """Parse e2guardian ``weighted`` phrase files (``<a>,<b><weight>``; ``.Include<...>`` followed
-    inside ``root``). A ``<N%>`` weight is N% of ``percent_base``."""
+    inside ``root``). A ``<N%>`` weight is N% of ``percent_base``. A list name (``nsfw.e2guardian_lists``)
+    or an include that leads outside ``root`` is refused."""
     root = Path(root)
     out: list[WeightedPhrase] = []
     seen: set[Path] = set()
@@ -251,6 +252,7 @@ def load_e2guardian_phrases(root: str | Path, lists: tuple[str, ...] | list[str]
                 m = _ANGLE.search(line)
                 if m and "/phraselists/" in m.group(1):
                     rel = m.group(1).split("/phraselists/", 1)[1]
+                    confined(root / rel, root, field=".Include", error=DataValidationError, file=str(path))
                     parse(root / rel, rel)
                 continue
             items = _ANGLE.findall(line)
@@ -273,6 +275,8 @@ def load_e2guardian_phrases(root: str | Path, lists: tuple[str, ...] | list[str]
             if norm:
                 out.append(WeightedPhrase(tuple(norm), w, label))
 
+    for rel in lists:
+        confined(root / rel, root, field="nsfw.e2guardian_lists")
     for rel in lists:
         parse(root / rel, rel)
     return out

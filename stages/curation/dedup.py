@@ -401,7 +401,7 @@ class Embedder:
         folder = embedding_model_dir()
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).eval()
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(N, 384) float32, unit-norm rows. Texts are batched in length order (deterministic)."""
