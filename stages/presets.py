@@ -128,9 +128,13 @@ def _tiny_alignment() -> AlignmentConfig:
     gen = GenerationConfig(max_new_tokens=48, batch_size=64)
     return AlignmentConfig(
         rounds=5,
-        # Edited refusals off: measured on the demo policy, pooling them cut safety violations (0.55 -> 0.41) but
-        # the ~0.1M-parameter model then refused ordinary prompts more (31% -> 45%), so helpfulness fell.
-        rejection=RejectionConfig(k=10, temperature=1.0, prompts=300, generation=gen, pool_edits=False,
+        # The ~0.1M-parameter policy cannot make refusing depend on the prompt: every refusal it is fine-tuned on
+        # raises refusals of ordinary prompts too. Measured on V1: with 30% safety prompts (about half of their
+        # kept samples refusals) violations fell 0.55 -> 0.36 but ordinary prompts were refused 50% of the time
+        # (SFT: 31%) and the judge preferred SFT (win rate 0.38); with 10% the judge prefers V1 (0.56 [0.54,
+        # 0.59]) and violations rise (0.68). Pooling the annotators' edited refusals did the same (0.41; 45%).
+        rejection=RejectionConfig(k=10, temperature=1.0, prompts=300, safety_share=0.1, generation=gen,
+                                  pool_edits=False,
                                   tokenize=SFTTokenizeConfig(max_tokens=256),
                                   train=PretrainConfig(lr=5e-4, warmup_steps=2, seq_len=256, batch_tokens=2048,
                                                        micro_batch_size=8, log_every=10, eval_tokens=8192,

@@ -303,32 +303,49 @@ def trained_batches(rm_dir: str | Path) -> list[str] | None:
 CALIBRATION = "calibration.json"
 
 
-def calibrate(model, tok, pairs: Sequence[Pair], max_tokens: int = 256) -> dict[str, float]:
-    """Mean and std of the RM's raw scores over the responses it trained and was evaluated on.
+def calibrate(model, tok, pairs: Sequence[Pair], max_tokens: int = 256) -> dict[str, Any]:
+    """Mean and std of the RM's raw scores over the responses it trained and was evaluated on, overall and per
+    prompt category.
 
-    A ranking loss fixes only score differences, so a raw score's level is arbitrary: Llama 2's
-    piecewise rule (safety score below 0.15) needs a score on a known scale. ``sigmoid((r - mean) /
-    std)`` puts every RM on one: 0.5 is a typical response of the RM's data, 0.15 about one std below.
+    A ranking loss fixes only score differences, so a raw score's level is arbitrary: Llama 2's piecewise rule
+    (safety score below 0.15) needs a score on a known scale. ``sigmoid((r - mean) / std)`` with the stats of the
+    prompt's category puts every RM on one: 0.5 is a typical response to that kind of prompt, 0.15 about 1.7
+    std below. Per category matters for the safety gate on helpfulness prompts: the safety RM's data is 90%
+    harmful prompts, where answering at all is what it learned to score low.
     """
-    seen: dict[tuple[str, str], tuple[Any, str]] = {}
+    seen: dict[tuple[str, str], tuple[Any, str, str]] = {}
     for p in pairs:
         for r in (p.chosen, p.rejected):
-            seen.setdefault((str(p.prompt), r), (p.prompt, r))
+            seen.setdefault((str(p.prompt), r), (p.prompt, r, p.category))
     if len(seen) < 2:
-        return {"mean": 0.0, "std": 1.0, "responses": len(seen)}
-    prompts, responses = zip(*seen.values())
+        return {"mean": 0.0, "std": 1.0, "responses": len(seen), "by_category": {}}
+    prompts, responses, cats = zip(*seen.values())
     raw = score(model, tok, list(prompts), list(responses), max_tokens)
-    return {"mean": float(raw.mean()), "std": float(max(raw.std(), 1e-6)), "responses": len(raw)}
+
+    def stats(x: np.ndarray) -> dict[str, float]:
+        return {"mean": float(x.mean()), "std": float(max(x.std(), 1e-6)), "responses": int(len(x))}
+
+    cats_arr = np.array(cats)
+    by_cat = {c: stats(raw[cats_arr == c]) for c in sorted(set(cats)) if (cats_arr == c).sum() >= 2}
+    return {**stats(raw), "by_category": by_cat}
 
 
-def load_calibration(model_dir: str | Path) -> dict[str, float]:
+def load_calibration(model_dir: str | Path) -> dict[str, Any]:
     """The RM's saved calibration (identity for an RM saved without one)."""
     path = Path(model_dir) / CALIBRATION
     if not path.is_file():
-        return {"mean": 0.0, "std": 1.0}
+        return {"mean": 0.0, "std": 1.0, "by_category": {}}
     import json
 
     return json.loads(path.read_text())
+
+
+def calibrated(raw: np.ndarray, categories: Sequence[str], cal: dict[str, Any]) -> np.ndarray:
+    """``sigmoid((raw - mean) / std)`` with each response's prompt-category stats (overall ones as fallback)."""
+    by_cat = cal.get("by_category") or {}
+    mean = np.array([by_cat.get(c, cal)["mean"] for c in categories], dtype=np.float64)
+    std = np.array([by_cat.get(c, cal)["std"] for c in categories], dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-(raw - mean) / std))
 
 
 class RewardScorer:
@@ -349,8 +366,7 @@ class RewardScorer:
         out = {}
         for c, (model, tok) in self.models.items():
             raw = score(model, tok, list(prompts), list(responses), self.max_tokens, self.batch_size)
-            cal = self.calibration[c]
-            out[c] = 1.0 / (1.0 + np.exp(-(raw - cal["mean"]) / cal["std"]))
+            out[c] = calibrated(raw, categories, self.calibration[c])
         is_safety = torch.tensor([c == "safety" for c in categories])
         out["combined"] = combine_rewards(torch.from_numpy(out["helpfulness"]), torch.from_numpy(out["safety"]),
                                           is_safety, self.threshold).numpy()

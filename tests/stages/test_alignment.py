@@ -164,6 +164,17 @@ def test_calibrated_scores_follow_llama2_piecewise_rule():
     assert out.tolist() == pytest.approx([0.9, 0.1, 0.5])
 
 
+def test_calibration_uses_the_prompt_category_stats():
+    from stages.reward import calibrated
+
+    cal = {"mean": 0.0, "std": 1.0, "by_category": {"helpfulness": {"mean": 2.0, "std": 0.5},
+                                                    "safety": {"mean": -1.0, "std": 2.0}}}
+    out = calibrated(np.array([2.0, -1.0, 1.0, 1.0]), ["helpfulness", "safety", "helpfulness", "other"], cal)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    assert out.tolist() == pytest.approx([0.5, 0.5, sig(-2.0), sig(1.0)])
+    assert calibrated(np.array([3.0]), ["safety"], {"mean": 1.0, "std": 2.0})[0] == pytest.approx(sig(1.0))
+
+
 def test_schedule_is_llama2_by_default_and_llama3_is_one_override(tmp_path):
     cfg = AlignmentConfig()
     assert [cfg.algorithms(n) for n in (1, 4, 5, 9)] == [["rejection_sampling"]] * 2 + [["rejection_sampling", "ppo"]] * 2
