@@ -1,0 +1,299 @@
+"""The Prefect and MLflow UIs in Chromium, against servers started by `herd up`.
+
+Prefect (the default UI at the server's root): the `alignment-round` deployment shows its weekly schedule, and a
+round started from its "Custom run" form (parameters set through the form's JSON inputs to the smoke preset)
+runs on the worker to Completed. MLflow: the `policy` version that round registered shows its lineage tags; its
+reward-model versions lead to their training runs, whose inputs are the `preferences/<batch>` datasets.
+Screenshots of every step land in $HERD_UI_ARTIFACTS (default .herd/ui-artifacts).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tests.ui.conftest import log_tail, new_page
+
+pytestmark = [pytest.mark.ui, pytest.mark.slow, pytest.mark.timeout(900)]
+
+DEPLOYMENT = "alignment-round"
+ROUND_TIMEOUT_S = 300  # one smoke round: ~45 s on 2 cores, plus the worker's pickup
+CATEGORIES = ("helpfulness", "safety")
+
+
+def expect(locator, **kw):
+    from playwright.sync_api import expect as _expect
+
+    return _expect(locator, **kw)
+
+
+def next_monday_3am_utc(now: datetime) -> datetime:
+    """The next fire time of cron `0 3 * * 1` (UTC) after ``now``."""
+    t = now.astimezone(timezone.utc).replace(hour=3, minute=0, second=0, microsecond=0)
+    t += timedelta(days=(0 - t.weekday()) % 7)
+    return t if t > now else t + timedelta(days=7)
+
+
+def smoke_parameters() -> dict:
+    """The smoke preset's alignment/rewards/preferences sections: the deployment's defaults (the tiny preset) take
+    minutes per round on 2 cores (rejection sampling alone ~2.5 min), the smoke ones under a minute."""
+    from stages.presets import smoke
+
+    s = smoke()
+    return {"config": s.alignment.model_dump(mode="json"), "rewards": s.rewards.model_dump(mode="json"),
+            "preferences": s.preferences.model_dump(mode="json")}
+
+
+# ------------------------------------------------------------------ Prefect UI helpers
+
+
+def open_deployment(page, stack, shots=None):
+    """Home -> Deployments -> search -> the alignment-round deployment page."""
+    page.goto(stack.prefect_url + "/")
+    page.get_by_role("link", name="Deployments", exact=True).click()
+    page.wait_for_url(re.compile(r"/deployments"))
+    search = page.get_by_role("textbox", name=re.compile("search", re.I)).or_(
+        page.get_by_placeholder(re.compile("search deployments", re.I)))
+    search.first.fill(DEPLOYMENT)
+    # wait until the table shows the search result alone (it re-renders; a click during that is lost)
+    deployments = page.get_by_role("link").and_(page.locator("a[href*='/deployments/deployment/']"))
+    expect(deployments).to_have_count(1, timeout=30_000)
+    expect(deployments).to_have_text(DEPLOYMENT)
+    if shots:
+        shots(page, "prefect-02-deployments")
+    click_to(page, deployments, re.compile(r"/deployments/deployment/[0-9a-f-]{36}(?:[?#]|$)"))
+    expect(page.get_by_role("button", name="Run", exact=True)).to_be_visible()
+
+
+def click_to(page, locator, url: re.Pattern, tries: int = 3) -> None:
+    """Click ``locator`` until the page navigates to ``url`` (a click landing during a re-render is lost)."""
+    for attempt in range(tries):
+        locator.click()
+        try:
+            page.wait_for_url(url, timeout=10_000)
+            return
+        except Exception:  # noqa: BLE001
+            if attempt == tries - 1:
+                raise
+
+
+def property_header(page, label: str):
+    """The innermost element holding a form property's label and its "Open menu" button."""
+    lab = page.get_by_text(f"{label} (Optional)", exact=True)
+    return lab, page.locator("div").filter(has=lab).filter(has=page.get_by_role("button", name="Open menu")).last
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def set_json_parameter(page, name: str, value: dict, marker: str) -> None:
+    """Switch the form property ``name`` to its JSON input and replace the JSON with ``value``."""
+    lab, header = property_header(page, name)
+    header.get_by_role("button", name="Open menu").click()
+    page.get_by_role("menuitem", name="Use JSON Input").click()
+    # the property's JSON editor: the first multi-line textbox after its label (a CodeMirror editor)
+    editor = lab.locator("xpath=following::*[@role='textbox'][@aria-multiline='true'][1]")
+    expect(editor).to_contain_text(marker)  # the editor shows the default value: it is ready
+    for _ in range(5):  # the editor sometimes drops the first edit while it settles
+        editor.click()
+        page.keyboard.press("ControlOrMeta+a")
+        page.keyboard.insert_text(json.dumps(value))
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and _json_or_none(editor.inner_text()) != value:
+            time.sleep(0.2)
+        if _json_or_none(editor.inner_text()) == value:
+            return
+    raise AssertionError(f"the JSON input of {name!r} did not take the value; it shows:\n{editor.inner_text()[:2000]}")
+
+
+# ------------------------------------------------------------------ MLflow UI helpers
+
+
+def dismiss_mlflow_popups(page) -> None:
+    """Close the "new Model Registry UI" promotion and the MLflow Assistant side panel when they show."""
+    promo = page.get_by_role("dialog").filter(has_text="Model Registry UI")
+    try:
+        promo.first.wait_for(state="visible", timeout=1500)
+        promo.first.get_by_role("button", name="Close").first.click()
+        expect(promo).to_have_count(0)
+    except Exception:  # noqa: BLE001  (not shown: nothing to close)
+        pass
+    panel = page.locator("div").filter(has_text="MLflow Assistant").filter(
+        has=page.get_by_role("button", name="Close")).last
+    try:
+        if panel.is_visible():
+            panel.get_by_role("button", name="Close").last.click(timeout=3000)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def tag_value(page, key: str) -> str:
+    """The value cell of the tag ``key`` in a model version's tag table."""
+    row = page.get_by_role("row").filter(has=page.get_by_role("cell", name=key, exact=True))
+    expect(row).to_have_count(1)
+    return row.get_by_role("cell").nth(1).inner_text().strip()
+
+
+def open_model_version(page, stack, name: str, version: int, shots, shot: str) -> None:
+    """Registered Models -> ``name`` -> Version ``version``."""
+    page.goto(f"{stack.mlflow_url}/#/models")
+    model = page.get_by_role("link", name=name, exact=True)
+    expect(model).to_be_visible(timeout=60_000)
+    dismiss_mlflow_popups(page)
+    click_to(page, model, re.compile(rf"#/models/{re.escape(name)}$"))
+    link = page.get_by_role("link", name=f"Version {version}", exact=True)
+    expect(link).to_be_visible(timeout=30_000)
+    dismiss_mlflow_popups(page)
+    shots(page, f"{shot}-{name}")
+    click_to(page, link, re.compile(rf"#/models/{re.escape(name)}/versions/{version}$"))
+    expect(page.get_by_text("Source Run")).to_be_visible()
+    dismiss_mlflow_popups(page)
+
+
+# ------------------------------------------------------------------ the round, started from the UI
+
+
+@pytest.fixture(scope="session")
+def ui_round(herd_stack, browser, shots) -> dict:
+    """An alignment round started from the deployment's Custom run form, waited on (API polling) to the end."""
+    prepared = herd_stack.wait_prepared()
+    params = smoke_parameters()
+    ctx, page = new_page(browser)
+    try:
+        open_deployment(page, herd_stack)
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Custom run").click()
+        page.wait_for_url(re.compile(r"/deployments/deployment/[0-9a-f-]{36}/run"))
+        expect(page.get_by_role("heading", name="Parameters")).to_be_visible()
+        for name, marker in (("config", '"schedule"'), ("rewards", '"helpfulness"'), ("preferences", '"collect"')):
+            set_json_parameter(page, name, params[name], marker)
+        shots(page, "prefect-05-custom-run-form")
+        page.get_by_role("button", name="Submit").click()
+        view = page.get_by_role("link", name="View run")
+        expect(view).to_be_visible()  # the toast: "<run name> scheduled to start now"
+        shots(page, "prefect-06-submitted", full_page=False)
+        click_to(page, view, re.compile(r"/runs/flow-run/[0-9a-f-]{36}"))
+        run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", page.url).group(1)
+        expect(page.get_by_text(DEPLOYMENT).first).to_be_visible()
+        shots(page, "prefect-07-flow-run-started")
+
+        deadline = time.monotonic() + ROUND_TIMEOUT_S
+        run = herd_stack.prefect_api(f"/flow_runs/{run_id}")
+        while not run["state"] or run["state"]["type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            if time.monotonic() > deadline:
+                pytest.fail(f"flow run {run_id} still {run['state'] and run['state']['type']} after "
+                            f"{ROUND_TIMEOUT_S} s; worker log:\n{log_tail(herd_stack.worker_log)}")
+            time.sleep(2)
+            run = herd_stack.prefect_api(f"/flow_runs/{run_id}")
+        page.reload()
+        expect(page.get_by_text(run["state"]["name"], exact=True).first).to_be_visible()
+        shots(page, "prefect-08-flow-run-finished")
+        return {"run": run, "params": params, "prepared": prepared}
+    except BaseException:
+        shots(page, "FAILED-ui_round")
+        raise
+    finally:
+        ctx.close()
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_alignment_round_deployment_shows_the_weekly_schedule(herd_stack, page, shots):
+    page.goto(herd_stack.prefect_url + "/")
+    expect(page.get_by_role("link", name="Deployments", exact=True)).to_be_visible()
+    shots(page, "prefect-01-home")
+    open_deployment(page, herd_stack, shots)
+    # the schedule card: cron 0 3 * * 1 in words, and the next auto-scheduled run on a Monday at 03:00 UTC
+    expect(page.get_by_text("At 03:00 AM, only on Monday", exact=True)).to_be_visible()
+    upcoming = next_monday_3am_utc(datetime.now(timezone.utc)).strftime("%Y/%m/%d %I:%M:%S %p")
+    try:
+        expect(page.get_by_text(upcoming).first).to_be_visible(timeout=15_000)
+    except AssertionError:  # the scheduler had not inserted the runs when the page loaded
+        page.reload()
+        expect(page.get_by_text(upcoming).first).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("alignment-round on a new preference batch")).to_be_visible()  # the inbox trigger
+    shots(page, "prefect-03-deployment")
+
+    # the schedule's edit dialog holds the cron expression and its time zone; closed without saving
+    card = page.locator("div").filter(has=page.get_by_text("At 03:00 AM, only on Monday", exact=True)).filter(
+        has=page.get_by_role("button", name="Open menu")).last
+    card.get_by_role("button", name="Open menu").click()
+    page.get_by_role("menuitem", name="Edit").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_role("heading", name=re.compile("Edit Schedule", re.I))).to_be_visible()
+    expect(dialog.get_by_role("tab", name="Cron", exact=True, selected=True)).to_be_visible()
+    values = dialog.get_by_role("textbox").evaluate_all("els => els.map(e => e.value ?? e.textContent)")
+    assert "0 3 * * 1" in values, f"the schedule dialog's text inputs show {values}"
+    expect(dialog.get_by_text("UTC", exact=True).first).to_be_visible()
+    shots(page, "prefect-04-schedule-edit", full_page=False)
+    page.keyboard.press("Escape")
+    expect(dialog).to_have_count(0)
+
+
+def test_a_round_started_from_the_custom_run_form_completes(ui_round, herd_stack):
+    run = ui_round["run"]
+    assert run["state"]["type"] == "COMPLETED", (
+        f"the round ended {run['state']['type']}: {run['state'].get('message')}\n{log_tail(herd_stack.worker_log)}")
+    dep = herd_stack.prefect_api(f"/deployments/name/{DEPLOYMENT}/{DEPLOYMENT}")
+    assert run["deployment_id"] == dep["id"]
+    # what the form's JSON inputs were set to is what the flow ran with
+    for name in ("config", "rewards", "preferences"):
+        assert run["parameters"][name] == ui_round["params"][name], name
+
+
+def test_mlflow_policy_version_leads_to_reward_models_and_their_batches(ui_round, herd_stack, page, shots):
+    prepared = ui_round["prepared"]
+    found = herd_stack.mlflow_api("/model-versions/search", filter="name='policy'").get("model_versions", [])
+    assert found, "the round registered no version of `policy`"
+    latest = max(int(v["version"]) for v in found)
+
+    page.goto(f"{herd_stack.mlflow_url}/#/models")
+    expect(page.get_by_role("link", name="policy", exact=True)).to_be_visible(timeout=60_000)
+    dismiss_mlflow_popups(page)
+    expect(page.get_by_role("link", name="rm-helpfulness", exact=True)).to_be_visible()
+    expect(page.get_by_role("link", name="rm-safety", exact=True)).to_be_visible()
+    shots(page, "mlflow-01-registered-models")
+
+    # policy, latest version: its lineage tags
+    open_model_version(page, herd_stack, "policy", latest, shots, "mlflow-02")
+    expect(page.get_by_text("@ rlhf-v1").or_(page.get_by_text("rlhf-v1", exact=True)).first).to_be_visible()
+    assert tag_value(page, "herd.round") == "1"
+    assert tag_value(page, "herd.algorithms") == "rejection_sampling"  # smoke schedule, round 1
+    assert tag_value(page, "herd.parent_model_dir") == prepared["sft_model"]  # V0 = SFT
+    assert tag_value(page, "herd.batches").split(",") == prepared["batches"]
+    assert tag_value(page, "herd.step_runs") and tag_value(page, "herd.eval_run")
+    rm_versions = {c: int(tag_value(page, f"herd.rm_{c}_version")) for c in CATEGORIES}
+    # round 1 brings no new batch: the RMs trained during preparation are the round's
+    assert rm_versions == prepared["reward_models"]
+    # the tag table scrolls on its own: show the lineage rows (parent, batches, RM versions, step runs)
+    page.get_by_role("row").filter(has=page.get_by_role("cell", name="herd.rm_safety_version", exact=True)) \
+        .scroll_into_view_if_needed()
+    shots(page, f"mlflow-03-policy-v{latest}")
+
+    for i, cat in enumerate(CATEGORIES):
+        name, version = f"rm-{cat}", rm_versions[cat]
+        open_model_version(page, herd_stack, name, version, shots, f"mlflow-{4 + 3 * i:02d}")
+        assert tag_value(page, "herd.batches").split(",") == prepared["batches"]
+        shots(page, f"mlflow-{5 + 3 * i:02d}-{name}-v{version}")
+        source = page.get_by_role("link", name=f"rm/{cat}/train", exact=True)
+        expect(source).to_be_visible()
+        click_to(page, source, re.compile(r"#/experiments/[^/]+/runs/[0-9a-f]{32}"))
+        dismiss_mlflow_popups(page)
+        expect(page.get_by_text("Datasets", exact=True).first).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("sft-model").first).to_be_visible()  # the other input: the RM's init
+        datasets = [page.get_by_text(f"preferences/{b}").first for b in prepared["batches"]]
+        if not all(d.is_visible() for d in datasets):  # the run lists one dataset and "+N" for the rest
+            page.get_by_text(re.compile(r"^\+\d+$")).first.click()
+        for d in datasets:
+            expect(d).to_be_visible()
+        shots(page, f"mlflow-{6 + 3 * i:02d}-{name}-v{version}-run", full_page=False)
+        page.keyboard.press("Escape")
