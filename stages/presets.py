@@ -140,10 +140,12 @@ def _tiny_alignment() -> AlignmentConfig:
                                                        micro_batch_size=8, log_every=10, eval_tokens=8192,
                                                        num_threads=2),
                                   epochs=2.0),
-        ppo=PPOConfig(iterations=20, prompts_per_iteration=64, minibatch_size=16, lr=1e-4, max_new_tokens=48,
+        # lr 1e-4 hacked the RMs in the measured demo (RM win rate 0.94 over SFT, judge 0.52, KL 43 nats, every
+        # safety prompt answered): a fifth of it keeps PPO a small step on top of rejection sampling
+        ppo=PPOConfig(iterations=20, prompts_per_iteration=64, minibatch_size=16, lr=2e-5, max_new_tokens=48,
                       max_prompt_tokens=192, num_threads=2),
         dpo=DPOConfig(lr=1e-4, batch_pairs=32, micro_pairs=8, max_tokens=256, last_batches=2, num_threads=2),
-        evaluation=EvalConfig(samples=2, temperature=0.7, generation=gen),
+        evaluation=EvalConfig(samples=4, temperature=0.7, generation=gen),
     )
 
 
