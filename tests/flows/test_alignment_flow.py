@@ -4,16 +4,13 @@ test server with a real MLflow store and registry, on the smoke preset."""
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from stages.model import ModelConfig, build_model
 from stages.presets import smoke
-from stages.tokenizer import TokenizerConfig, train_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -21,21 +18,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> tuple[Path, Path]:
     """A small base Llama and its tokenizer (trained on chat-like text), as a user's model folder would be."""
-    from stages.sft_data import load_safety_demos
+    from tests.ui._prepare import base_model
 
-    root = tmp_path_factory.mktemp("align-base")
-    (root / "corpus").mkdir()
-    with gzip.open(root / "corpus" / "00000.jsonl.gz", "wt") as fh:
-        for i, d in enumerate(load_safety_demos() * 3):
-            fh.write(json.dumps({"id": f"d{i}", "text": d["prompt"] + " " + d["response"], "source": "qa"}) + "\n")
-    tok = root / "tokenizer"
-    train_tokenizer(TokenizerConfig(vocab_size=512), [root / "corpus"], tok)
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(str(tok), local_files_only=True))
-    model = root / "base"
-    build_model(ModelConfig.from_flavour("debug"), vocab, seed=0).save_pretrained(model)
-    return model, tok
+    return base_model(tmp_path_factory.mktemp("align-base"))
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,15 @@ def open_deployment(page, stack, shots=None):
     page.wait_for_url(re.compile(r"/deployments"))
     search = page.get_by_role("textbox", name=re.compile("search", re.I)).or_(
         page.get_by_placeholder(re.compile("search deployments", re.I)))
+    # under load (another flow training on the same 2 cores) the page can spin for a while: wait, then reload once
+    for attempt in range(2):
+        try:
+            search.first.wait_for(state="visible", timeout=90_000)
+            break
+        except Exception:  # noqa: BLE001
+            if attempt:
+                raise
+            page.reload()
     search.first.fill(DEPLOYMENT)
     # wait until the table shows the search result alone (it re-renders; a click during that is lost)
     deployments = page.get_by_role("link").and_(page.locator("a[href*='/deployments/deployment/']"))
