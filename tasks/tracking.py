@@ -131,7 +131,14 @@ def log_dataset(name: str, uri: str, digest: str, context: str, rows: int | None
         source = resolve_dataset_source(uri)
     ds = MetaDataset(source=source, name=name, digest=digest[:36])
     tags = {"herd.rows": str(rows)} if rows is not None else None
-    mlflow.log_input(ds, context=context, tags=tags)
+    try:
+        mlflow.log_input(ds, context=context, tags=tags)
+    except mlflow.exceptions.MlflowException as exc:
+        # two tasks logging the same new dataset at once (sweep runs share their token split): the store's
+        # get-or-create is not atomic, the loser hits the unique constraint; the dataset exists now, so retry
+        if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc):
+            raise
+        mlflow.log_input(ds, context=context, tags=tags)
 
 
 class MlflowSink:
