@@ -146,8 +146,7 @@ def launched(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mlflow_url(launched) -> str:
-    if "mlflow" not in launched:
-        pytest.skip("Flask-WTF is not installed: MLflow's basic-auth app needs the mlflow[auth] extra")
+    assert "mlflow" in launched, "Flask-WTF is not installed: MLflow's basic-auth app needs mlflow[auth] (a dependency)"
     proc, url, log = launched["mlflow"]
     _wait_healthy(proc, f"{url}/health", log)  # /health is open: the compose healthcheck relies on it
     return url
