@@ -48,6 +48,15 @@ def config_hash(*parts: Any, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def store_key(path: str | Path, store: str | Path) -> str:
+    """``path`` as a cache-key part: relative to ``store`` when inside it (store folders are content-addressed, so
+    the relative name stands for the content and a moved or copied ``$HERD_HOME`` keeps its keys), else as given."""
+    try:
+        return Path(path).resolve().relative_to(Path(store).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 from prefect import task
 
-from stages.common import config_hash
+from stages.common import config_hash, store_key
 from stages.model import ModelConfig, num_params, scaling_params
 from stages.pretrain import PretrainConfig, TokenSplit, pretrain
 from stages.scaling import SweepConfig
@@ -60,7 +60,7 @@ def pretrain_task(cfg: PretrainConfig, size: str, fit: dict | None, sweep: Sweep
                   store: str, nproc: int, parent_run_id: str | None) -> dict:
     vocab = TokenSplit(data["train"]).vocab_size
     model_cfg, run_cfg = choose_model(size, fit, vocab, cfg, sweep)
-    out = Path(store) / "pretrain" / config_hash("pretrain", run_cfg, model_cfg, data["train"], nproc)
+    out = Path(store) / "pretrain" / config_hash("pretrain", run_cfg, model_cfg, store_key(data["train"], store), nproc)
     with stage_run("pretrain/train", run_cfg, parent_run_id, tags={"herd.model_size": size}) as rid:
         mlflow.log_params({f"model.{k}": v for k, v in model_cfg.model_dump(mode="json").items()}
                           | {"model.num_params": num_params(model_cfg, vocab),

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 from prefect import task
 
-from stages.common import config_hash, file_sha256
+from stages.common import config_hash, file_sha256, store_key
 from stages.scaling import FitConfig, fit_scaling
 from tasks.tracking import log_dataset, markdown_table, publish_markdown, run_url, stage_run
 
@@ -23,7 +23,7 @@ def sweep_run_task(run: dict, train: dict, shape: dict, data: dict, store: str, 
     """Train one (N, D) model of the sweep in its own process (one core each), return its held-out loss.
 
     ``shape`` is ``{"head_dim", "aspect"}``: how N maps onto a model shape (``ModelConfig.for_params``)."""
-    key = config_hash("sweep-run", run, train, shape, data["train"])
+    key = config_hash("sweep-run", run, train, shape, store_key(data["train"], store))
     out = Path(store) / "sweep" / key
     result_file = out / "result.json"
     if not result_file.exists():

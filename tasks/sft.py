@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 from prefect import task
 
-from stages.common import config_hash, file_sha256, tree_sha256
+from stages.common import config_hash, file_sha256, tree_sha256, store_key
 from stages.sft import SFTConfig, sft
 from stages.sft_data import SFTDataConfig, build_sft_data, read_conversations
 from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, run_url, stage_run
@@ -29,7 +29,7 @@ def sft_data_task(cfg: SFTDataConfig, store: str, cache: str, parent_run_id: str
 def sft_task(cfg: SFTConfig, base_model: str, tokenizer: str, data: dict, store: str,
              parent_run_id: str | None) -> dict:
     base_digest = tree_sha256(base_model, "*.safetensors")
-    out = Path(store) / "sft" / config_hash("sft", cfg.train, cfg.tokenize, cfg.epochs, base_digest, data["path"],
+    out = Path(store) / "sft" / config_hash("sft", cfg.train, cfg.tokenize, cfg.epochs, base_digest, store_key(data["path"], store),
                                            file_sha256(Path(tokenizer) / "tokenizer.json"))
     with stage_run("sft/train", cfg.train, parent_run_id, tags={"herd.base_model": base_model}) as rid:
         mlflow.log_params({"epochs": cfg.epochs, "base_model": base_model})

@@ -277,3 +277,16 @@ def test_cache_dir_layout(smoke):
     info = json.loads(marker.read_text())
     assert info["sha256"] == file_sha256(marker.parent / info["file"])
     assert os.path.basename(info["file"]).endswith(".whl")
+
+
+def test_store_keys_survive_moving_the_home(tmp_path):
+    from stages.common import config_hash, store_key
+
+    a, b = tmp_path / "a" / "store", tmp_path / "b" / "store"
+    for store in (a, b):
+        (store / "tokens" / "0123" / "train").mkdir(parents=True)
+    key = lambda store: config_hash("sweep-run", store_key(store / "tokens" / "0123" / "train", store))  # noqa: E731
+    assert store_key(a / "tokens" / "0123" / "train", a) == "tokens/0123/train"
+    assert key(a) == key(b)  # a copied $HERD_HOME reuses its stage outputs
+    assert store_key(tmp_path / "elsewhere", a) == str(tmp_path / "elsewhere")  # outside the store: the path itself
+    assert config_hash(store_key(a / "tokens" / "0123" / "train", a)) != config_hash(store_key(a / "tokens" / "9", a))
