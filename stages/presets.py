@@ -107,7 +107,13 @@ def _tiny_sft() -> SFTConfig:
 
 
 def _tiny_preferences() -> PreferenceLoopConfig:
-    return PreferenceLoopConfig(collect=CollectConfig(prompts=300, safety_share=0.3,
+    """1000 prompts per batch: the reward models are what limits rejection sampling, and data is what limits
+    them. Measured on the same SFT model's 10 samples per prompt (``stages.annotator.judge`` of the RM-best
+    sample against the mean sample, of 0.11 available): RMs on 2 x 300 pairs gained 0.00-0.02 (within-prompt
+    correlation with the judge 0.02-0.15 whatever the epochs or learning rate); on 2 x 1000 pairs 0.044
+    (correlation 0.49), and one rejection-sampling round from them won 0.59 of the judge's comparisons with
+    SFT where the 300-pair RMs' won 0.46."""
+    return PreferenceLoopConfig(collect=CollectConfig(prompts=1000, safety_share=0.3,
                                                       generation=GenerationConfig(max_new_tokens=48, batch_size=32)),
                                 batches=2)
 
