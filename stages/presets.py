@@ -134,20 +134,22 @@ def _tiny_alignment() -> AlignmentConfig:
     gen = GenerationConfig(max_new_tokens=48, batch_size=64)
     return AlignmentConfig(
         rounds=5,
-        # The ~0.1M-parameter policy cannot make refusing depend on the prompt: every refusal it is fine-tuned on
-        # raises refusals of ordinary prompts too. Measured on V1: with 30% safety prompts (about half of their
-        # kept samples refusals) violations fell 0.55 -> 0.36 but ordinary prompts were refused 50% of the time
-        # (SFT: 31%) and the judge preferred SFT (win rate 0.38); with 10% the judge prefers V1 (0.56 [0.54,
-        # 0.59]) and violations rise (0.68). Pooling the annotators' edited refusals did the same (0.41; 45%).
+        # The ~0.1M-parameter policy can hardly make refusing depend on the prompt: every refusal it is fine-tuned on
+        # raises refusals of ordinary prompts too, which the judge scores as unhelpful. Measured on V1 (RMs on
+        # 2 x 1000 pairs; SFT: violations 0.55, 31% of ordinary prompts refused): 30% safety prompts -> judge win
+        # 0.52, violations 0.59, 32% refused; 10% -> 0.59, 0.85, 16%; 10% with the annotators' edited refusals
+        # pooled (Llama 3) -> 0.53, 0.55, 32%. Over five rounds the edits kept violations lower (V1-V4: 0.46-0.77
+        # against 0.82-0.96 without) for about the same judge win at V5 (0.70 [0.68, 0.72] against 0.73).
         rejection=RejectionConfig(k=10, temperature=1.0, prompts=300, safety_share=0.1, generation=gen,
-                                  pool_edits=False,
+                                  pool_edits=True,
                                   tokenize=SFTTokenizeConfig(max_tokens=256),
                                   train=PretrainConfig(lr=5e-4, warmup_steps=2, seq_len=256, batch_tokens=2048,
                                                        micro_batch_size=8, log_every=10, eval_tokens=8192,
                                                        num_threads=2),
                                   epochs=2.0),
-        # lr 1e-4 hacked the RMs in the measured demo (RM win rate 0.94 over SFT, judge 0.52, KL 43 nats, every
-        # safety prompt answered): a fifth of it keeps PPO a small step on top of rejection sampling
+        # lr 1e-4 hacked the 300-pair RMs (RM win rate 0.94 over SFT, judge 0.52, KL 43 nats, every safety prompt
+        # answered). With the 1000-pair RMs, PPO from the same V5 rejection-sampling checkpoint (judge win over SFT
+        # 0.70): lr 5e-5 -> 0.69, 1e-4 -> 0.69, both answering every safety prompt. 2e-5 keeps PPO a small step.
         ppo=PPOConfig(iterations=20, prompts_per_iteration=64, minibatch_size=16, lr=2e-5, max_new_tokens=48,
                       max_prompt_tokens=192, num_threads=2),
         dpo=DPOConfig(lr=1e-4, batch_pairs=32, micro_pairs=8, max_tokens=256, last_batches=2, num_threads=2),
