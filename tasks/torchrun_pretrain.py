@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from stages.common import write_json_atomic
+from stages.errors import ConfigError
 from stages.model import ModelConfig
 from stages.pretrain import PretrainConfig, pretrain
 
@@ -47,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if world_size > 1:
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
         if backend == "nccl":
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if local_ranks > torch.cuda.device_count():
+                raise ConfigError(f"{local_ranks} processes per node but {torch.cuda.device_count()} visible GPU(s): "
+                                  "NCCL needs one GPU per process; set pretraining.nproc to at most the GPU count, "
+                                  "or pretraining.train.device to 'cpu' (gloo)")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     try:

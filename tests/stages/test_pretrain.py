@@ -119,7 +119,7 @@ def test_divergence_raises(splits, tmp_path):
 
 def test_ddp_two_processes_match_single_process(splits, tmp_path):
     train, _ = splits
-    cfg = CFG.derive(steps=3)
+    cfg = CFG.derive(steps=3, device="cpu")  # gloo: two processes need no GPUs (NCCL wants one each)
     single = pretrain(cfg, MODEL, train, None, tmp_path / "one")
     spec = tmp_path / "cfg.json"
     spec.write_text(json.dumps({"pretrain": cfg.model_dump(mode="json"), "model": MODEL.model_dump(mode="json")}))
