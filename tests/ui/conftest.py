@@ -95,10 +95,13 @@ def pytest_runtest_makereport(item, call):
 def browser():
     exe = chromium_executable()
     if exe is None:
-        pytest.skip("no Chromium: install it (`apt-get install chromium`; `make venv` does so on Debian as root) "
-                    "or set HERD_CHROMIUM to a Chrome/Chromium binary")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the ui tests need the `playwright` package "
-                                   "(pip install -e '.[test]')")
+        why = ("no Chromium: install it (`apt-get install chromium`; `make venv` does so on Debian as root) "
+               "or set HERD_CHROMIUM to a Chrome/Chromium binary")
+        if shutil.which("apt-get") and os.geteuid() == 0:
+            pytest.fail(why + "; `make venv` should have installed it here")  # where it can, a missing one is a bug
+        pytest.skip(why)
+    from playwright import sync_api  # a test dependency (pyproject's `test` extra)
+
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=exe, headless=True)
         yield b
