@@ -23,6 +23,7 @@ from stages.alignment import AlignmentConfig
 from stages.collect import CollectConfig, GenerationConfig, PreferenceLoopConfig
 from stages.dpo import DPOConfig
 from stages.evaluate import EvalConfig
+from stages.evaluation.harness import HarnessConfig
 from stages.ppo import PPOConfig
 from stages.rejection import RejectionConfig
 from stages.reward import RewardsConfig, RMConfig
@@ -68,6 +69,9 @@ class PipelineConfig(StageConfig):
     rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="helpfulness and safety reward models")
     alignment: AlignmentConfig = Field(default_factory=AlignmentConfig,
                                        description="RLHF-V1..V(n): rejection sampling, PPO, DPO; evaluation")
+    benchmarks: HarnessConfig = Field(default_factory=lambda: HarnessConfig(limit=500),
+                                      description="standard benchmarks scored on the model after pretraining, after "
+                                                  "SFT and after every alignment round (the report card's columns)")
 
 
 # The demo's quality classifier: reference text (encyclopedic, dictionary, documentation) against raw
@@ -90,7 +94,9 @@ def tiny() -> PipelineConfig:
     # offline packages carry little web text; a 250k-token budget keeps the Llama 1 shares with a few web epochs
     return PipelineConfig(name="tiny", fetch=tiny_fetch(), curation=_demo_curation(), mix=MixConfig(tokens=250_000),
                           pretraining=_tiny_pretraining(), sft=_tiny_sft(), preferences=_tiny_preferences(),
-                          rewards=_tiny_rewards(), alignment=_tiny_alignment())
+                          rewards=_tiny_rewards(), alignment=_tiny_alignment(),
+                          # 200 items per core task keep a stage's benchmarks under a minute on 2 cores
+                          benchmarks=HarnessConfig(tasks="core", limit=200))
 
 
 def _tiny_sft() -> SFTConfig:
@@ -178,7 +184,9 @@ def _tiny_pretraining() -> PretrainingConfig:
         fit=FitConfig(n_boot=200),
         budget=6e11,
         size="auto",
-        train=sweep_train.derive(log_every=50, eval_tokens=65_536, num_threads=2),
+        # OLMo-style in-loop downstream evaluation: hellaswag/arc_easy/piqa bpb every 250 steps (~2k steps in all)
+        train=sweep_train.derive(log_every=50, eval_tokens=65_536, num_threads=2, downstream_every=250,
+                                 downstream_items=100),
     )
 
 
@@ -193,7 +201,7 @@ def _smoke_pretraining() -> PretrainingConfig:
         sweep_train=sweep_train,
         fit=FitConfig(n_boot=10, max_starts=8),
         budget=1e10,
-        train=sweep_train,
+        train=sweep_train.derive(downstream_every=5, downstream_items=8),
     )
 
 
@@ -206,7 +214,8 @@ def smoke() -> PipelineConfig:
     )
     return PipelineConfig(name="smoke", fetch=smoke_fetch(), curation=curation, mix=MixConfig(),
                           pretraining=_smoke_pretraining(), sft=_smoke_sft(), preferences=_smoke_preferences(),
-                          rewards=_smoke_rewards(), alignment=_smoke_alignment())
+                          rewards=_smoke_rewards(), alignment=_smoke_alignment(),
+                          benchmarks=HarnessConfig(tasks="core", limit=16, n_boot=20))
 
 
 def _smoke_sft() -> SFTConfig:

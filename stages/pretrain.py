@@ -66,6 +66,12 @@ class PretrainConfig(StageConfig):
     log_every: int = Field(10, ge=1, description="Log metrics to the sink every N steps.")
     eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0: only at the end).")
     eval_tokens: int = Field(65_536, ge=1, description="Held-out tokens scored per evaluation (from the split's start).")
+    downstream_every: int = Field(0, ge=0, description="In-loop downstream evaluation (OLMo): benchmark bpb and "
+                                  "acc_norm every N steps and at the end (0: off).")
+    downstream_tasks: tuple[str, ...] = Field(("hellaswag", "arc_easy", "piqa"),
+                                              description="Benchmarks of the in-loop downstream evaluation.")
+    downstream_items: int = Field(100, ge=1, description="Items per benchmark in the in-loop evaluation (a fixed "
+                                  "seeded sample).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only when stopped early).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     seed: int = Field(0, description="Seeds model init, data order and all RNGs.")
@@ -387,6 +393,7 @@ def pretrain(
     resume: bool = True,
     stop_after_steps: int | None = None,
     init_model_dir: str | Path | None = None,
+    downstream=None,
 ) -> PretrainResult:
     """Train a Llama on ``data_dir`` and write ``out_dir/{model,metrics.json,manifest.json}``.
 
@@ -394,6 +401,8 @@ def pretrain(
     with ``resume=True`` continues from the newest checkpoint. A complete ``manifest.json`` short-circuits.
     ``init_model_dir`` starts from a saved ``LlamaForCausalLM`` (safetensors; SFT from a base model)
     instead of a fresh init; ``model_cfg`` must describe it (``ModelConfig.from_pretrained``).
+    ``downstream`` (a ``stages.evaluation.probe.DownstreamProbe``) is called on rank 0 every
+    ``downstream.every`` steps and at the end; its benchmark metrics go to ``sink`` next to the loss.
     """
     out_dir = Path(out_dir)
     done = read_manifest(out_dir)
@@ -545,6 +554,8 @@ def pretrain(
         if heldout is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0:
             h, _ = evaluate(raw_model, heldout, cfg, attn_impl, device)
             sink.log_metrics({"heldout_loss": h}, step)
+        if downstream is not None and downstream.due(step) and step < total_steps and rank == 0:
+            sink.log_metrics(downstream(raw_model, device), step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < target_steps:
             save(step)
 
@@ -568,6 +579,8 @@ def pretrain(
     if heldout is not None and rank == 0:
         h_loss, h_by_src = evaluate(raw_model, heldout, cfg, attn_impl, device)
         sink.log_metrics({"heldout_loss": h_loss, **{f"heldout_loss/{s}": v for s, v in h_by_src.items()}}, step)
+    if downstream is not None and downstream.every and rank == 0:
+        sink.log_metrics(downstream(raw_model, device), step)
     result = PretrainResult(
         completed=True, heldout_loss=h_loss, heldout_loss_by_source=h_by_src,
         model_dir=str(out_dir / "model"), metrics_path=str(out_dir / "metrics.json"), checkpoint_dir=None, **common,

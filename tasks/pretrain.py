@@ -75,8 +75,16 @@ def pretrain_task(cfg: PretrainConfig, size: str, fit: dict | None, sweep: Sweep
                 raise RuntimeError(f"torchrun pretraining failed:\n{proc.stderr[-3000:]}")
             res = json.loads((out / "result.json").read_text())
         else:
+            probe = None
+            if run_cfg.downstream_every:  # OLMo's in-loop downstream evaluation: benchmark bpb next to the loss
+                from herd.settings import load_settings
+                from stages.evaluation.probe import DownstreamProbe
+
+                probe = DownstreamProbe.from_cache(run_cfg.downstream_tasks, load_settings().cache, tokenizer["path"],
+                                                   run_cfg.downstream_every, run_cfg.downstream_items)
             with MlflowSink(rid) as sink:
-                res = pretrain(run_cfg, model_cfg, data["train"], data["heldout"], out, sink=sink).model_dump()
+                res = pretrain(run_cfg, model_cfg, data["train"], data["heldout"], out, sink=sink,
+                               downstream=probe).model_dump()
         metrics = {k: float(res[k]) for k in ("final_loss", "heldout_loss", "tokens_per_s", "mfu", "peak_mem_mb",
                                                "tokens", "steps", "flops_per_token")
                    if isinstance(res.get(k), (int, float))}

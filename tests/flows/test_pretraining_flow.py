@@ -73,3 +73,16 @@ def test_pretrain_auto_takes_the_recommendation_and_logs_everything(chain) -> No
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"samples.md", "model"} <= arts
     assert (Path(model["model_dir"]) / "model.safetensors").exists()
+
+
+def test_pretraining_logs_downstream_bpb_curves_next_to_the_loss(chain) -> None:
+    """OLMo's in-loop downstream evaluation: benchmark bpb every `downstream_every` steps and at the end."""
+    run = _runs("pretrain/train")[-1]
+    client = mlflow.MlflowClient()
+    train = chain["cfg"].pretraining.train
+    for task in train.downstream_tasks:
+        hist = client.get_metric_history(run.info.run_id, f"downstream/{task}/bpb")
+        steps = sorted(m.step for m in hist)
+        assert len(steps) >= 2 and all(s % train.downstream_every == 0 for s in steps[:-1]), (task, steps)
+        assert all(0 < m.value < 50 for m in hist)
+    assert client.get_metric_history(run.info.run_id, "downstream/hellaswag/acc_norm")

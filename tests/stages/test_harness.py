@@ -156,3 +156,26 @@ def test_humaneval_program_from_a_chat_answer():
 def test_config_rejects_negative_limit():
     with pytest.raises(ValueError, match="limit"):
         HarnessConfig(limit=-1)
+
+
+def test_downstream_probe_logs_bpb_and_restores_the_model(tiny):
+    from dataclasses import dataclass
+
+    from stages.evaluation.probe import DownstreamProbe
+
+    model, tok, d = tiny
+
+    @dataclass
+    class T:
+        name: str
+        items: tuple
+        kind: str = "mc"
+        chance: float = 1 / 3
+
+    probe = DownstreamProbe([T("toy", tuple(ITEMS[:2]))], d, every=5, items=10)
+    model.train()
+    model.config.use_cache = False
+    out = probe(model, torch.device("cpu"))
+    assert set(out) == {"downstream/toy/bpb", "downstream/toy/acc_norm"} and out["downstream/toy/bpb"] > 0
+    assert model.training and model.config.use_cache is False
+    assert probe.due(10) and not probe.due(7)
