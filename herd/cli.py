@@ -63,6 +63,9 @@ class _Bar:
                                                           if k in info))
         self.bar.update(1)
 
+    def items(self, what: str, done: int, total: int) -> None:
+        self.bar.set_postfix_str(f"{what} {done}/{total}")
+
     def close(self) -> None:
         self.bar.close()
 
@@ -74,11 +77,13 @@ def _with_bar(total: int, desc: str, fn):
 
     bar = _Bar(total, desc)
     progress.set_listener(bar)
+    progress.set_item_listener(bar.items)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # run links MLflow prints; stdout is the command's JSON
             return fn()
     finally:
         progress.set_listener(None)
+        progress.set_item_listener(None)
         bar.close()
 
 
@@ -389,8 +394,8 @@ def rewards_train(config: Optional[Path] = typer.Option(None, help="YAML overrid
 
 
 def _round_steps(cfg, n: int) -> int:
-    # RMs (ingest, 2 RMs, reward-models), the algorithms, evaluate, then collect, annotate, collect-next
-    return 4 + len(cfg.algorithms(n)) + 1 + 3 * cfg.collect_next
+    # RMs (ingest, 2 RMs, reward-models), the algorithms, evaluate, benchmarks, then collect, annotate, collect-next
+    return 4 + len(cfg.algorithms(n)) + 2 + 3 * cfg.collect_next
 
 
 @app.command("round")
@@ -408,7 +413,7 @@ def round_cmd(config: Optional[Path] = typer.Option(None, help="YAML overrides o
 
     n = round_index or 1
     res = _run(_round_steps(cfg.alignment, n), "round", lambda: alignment_round_flow(
-        cfg.alignment, cfg.rewards, cfg.preferences, round=round_index))
+        cfg.alignment, cfg.rewards, cfg.preferences, round=round_index, benchmarks=cfg.benchmarks))
     typer.echo(json.dumps({"policy": res["policy"], "registered": res["registered"], **round_summary(res)},
                           indent=2, default=str))
 
@@ -431,14 +436,113 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
         n_scaling = (len(plan_sweep(p.sweep)) + 1) if p.size == "auto" else 0
         n_align = 2 + cfg.preferences.batches * (2 + 1 + 2)  # sft; per batch: collect, annotate, ingest, 2 RMs
         n_align += sum(_round_steps(cfg.alignment, n) for n in range(1, cfg.alignment.rounds + 1))
+        n_align += 2 + 1  # benchmarks of the base and SFT models, the report card
         res = _with_bar(len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling + n_align, "demo",
                         lambda: pipeline_flow(cfg))
     except HerdError as exc:
         _fail(exc)
-    typer.echo(json.dumps(res, indent=2))
+    typer.echo(res["report"]["markdown"])
+    typer.echo(f"Report card: {res['report']['path']}/report.md (again: .venv/bin/herd report); every stage's numbers: "
+               f"{res['report']['path']}/pipeline.json")
+    (Path(res["report"]["path"]) / "pipeline.json").write_text(json.dumps(res, indent=2, default=str))
     typer.echo(f"\nPrefect UI: {settings.prefect_api_url.removesuffix('/api')}   MLflow UI: {settings.mlflow_tracking_uri}")
     typer.echo("Curated corpus: " + res["curation"]["output"] + "   Mixture: " + res["mix"]["output"])
     typer.echo("Stop the servers with: .venv/bin/herd down")
+
+
+@app.command("report")
+def report_cmd(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id of a pipeline run (default: the "
+                                                 "latest pipeline run with a report card)"),
+               as_json: bool = typer.Option(False, "--json", help="print report.json instead of the table")) -> None:
+    """Print the report card of the latest (or a given) pipeline run: benchmarks, held-out loss, judge win rate,
+    violation and false-refusal rates per stage (base, SFT, RLHF-V1..V5)."""
+    settings = _setup(start_servers=False)
+    from stages.evaluation.report import render_markdown
+
+    report = None
+    local = settings.home / "reports"
+    if run is None and (local / "latest.json").is_file():
+        run = json.loads((local / "latest.json").read_text())["run_id"]
+    if run is not None and (local / run / "report.json").is_file():
+        report = json.loads((local / run / "report.json").read_text())
+    if report is None:  # not made on this machine: read it from the MLflow run
+        from herd import servers
+
+        servers.ensure_up(settings)
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        try:
+            if run is None:
+                from tasks.tracking import experiment_id
+
+                runs = client.search_runs([experiment_id()], "tags.`herd.flow` = 'herd-pipeline'",
+                                          order_by=["attributes.start_time DESC"], max_results=20)
+                run = next((r.info.run_id for r in runs
+                            if any(a.path == "report.json" for a in client.list_artifacts(r.info.run_id))), None)
+                if run is None:
+                    _fail(HerdErrorLine("no pipeline run with a report card yet: run `make demo` (or `herd demo`)"))
+            report = mlflow.artifacts.load_dict(f"runs:/{run}/report.json")
+        except mlflow.exceptions.MlflowException as exc:
+            _fail(HerdErrorLine(f"--run {run}: no report card ({str(exc).splitlines()[0]})"))
+    typer.echo(json.dumps(report, indent=2) if as_json else render_markdown(report))
+
+
+class HerdErrorLine(Exception):
+    """A one-line error for ``_fail``."""
+
+
+@app.command("eval")
+def eval_cmd(model: str = typer.Option(..., "--model", help="a Hugging Face Llama folder, or models:/NAME@ALIAS "
+                                       "(e.g. models:/policy@champion)"),
+             tasks: str = typer.Option("core", help="core | chat | all | names separated by commas "
+                                       "(hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq,openbookqa,"
+                                       "commonsense_qa,social_iqa,mmlu,lambada,gsm8k,humaneval)"),
+             limit: int = typer.Option(0, help="items per task (a seeded sample); 0: every item"),
+             shots: Optional[int] = typer.Option(None, help="few-shot examples per multiple-choice item "
+                                                 "(default: 0; GSM8K's prompt holds its own 8)"),
+             chat_template: str = typer.Option("auto", "--chat-template", help="auto | on | off (generative tasks)"),
+             device: str = typer.Option("auto", help="auto | cpu | cuda"),
+             output: Optional[Path] = typer.Option(None, help="folder for results.json and per-item samples")
+             ) -> None:
+    """Score a model on standard benchmarks (log-likelihood multiple choice, GSM8K, HumanEval in a sandbox);
+    results go to MLflow (metrics eval/<task>/<metric>) and, with --output, to DIR/results.json."""
+    from pydantic import ValidationError
+
+    from stages.evaluation.harness import HarnessConfig
+    from stages.evaluation.benchmarks import resolve_tasks
+    from stages.errors import HerdError
+
+    try:
+        cfg = HarnessConfig(tasks=tasks, limit=limit, shots=shots, chat_template=chat_template, device=device)
+        names = resolve_tasks(cfg.tasks)
+        if not model.startswith("models:/"):
+            from stages.model import require_safetensors
+
+            if not Path(model).is_dir():
+                raise HerdError(f"--model: {model} is not a folder; give a Hugging Face Llama folder (config.json, "
+                                "*.safetensors, tokenizer) or models:/NAME@ALIAS")
+            require_safetensors(model)
+        from stages.evaluation.benchmarks import fetch_benchmarks
+
+        fetch_benchmarks(load_settings().cache)  # the benchmark files, checked against their pinned digests
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err.get('input')!r})")
+    except HerdError as exc:
+        _fail(exc)
+    _setup()
+    from flows.evaluation import benchmarks_flow
+    from stages.evaluation.run import results_table
+
+    res = _run(1, "eval", lambda: benchmarks_flow(model, cfg, str(output.resolve()) if output else None))
+    rows = results_table(res)
+    cols = ["task", "n", "shots"] + sorted({k for r in rows for k in r} - {"task", "n", "shots"})
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        typer.echo("  ".join(str(r.get(c, "-")).ljust(widths[c]) for c in cols))
+    typer.echo(f"\n{len(names)} tasks; results: {res.get('results_file') or res['output'] + '/results.json'}")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
