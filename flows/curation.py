@@ -47,7 +47,8 @@ def data_fetch_flow(config: FetchConfig = tiny().fetch, parent_run_id: str | Non
 def curation_flow(input: list[str], output: str | None = None, config: CurationConfig = tiny().curation,
                   classifier_corpus: FetchConfig = tiny().fetch,
                   parent_run_id: str | None = None) -> dict:
-    """Curate raw documents: URL, language, heuristic, NSFW, PII, exact/near/semantic dedup, quality.
+    """Curate raw documents: URL, language, heuristic, NSFW, PII, exact/near/semantic dedup, benchmark
+    decontamination, quality.
 
     Args:
         input: JSONL, JSONL.gz or Parquet files, folders or globs of records {"id", "text", "url"?, "source"?}.

@@ -23,6 +23,9 @@ def _metrics(stats: dict) -> dict[str, float]:
     out = {k: float(stats[k]) for k in ("in", "kept", "rejected", "quarantined", "seconds", "docs_per_s")
            if isinstance(stats.get(k), (int, float))}
     out.update({f"dropped_{r}": float(n) for r, n in (stats.get("reasons") or {}).items()})
+    for task, row in (stats.get("contamination") or {}).items():  # the decontaminate step, per benchmark
+        out.update({f"contamination_{task}_{k}": float(row.get(k, 0))
+                    for k in ("docs_dropped", "docs_cut", "chars_removed", "matched_items")})
     return out
 
 
@@ -111,11 +114,16 @@ def finalize_task(cfg: CurationConfig, ingest_ref: StepRef, steps: list[StepRef]
     reasons = [{"reason": r, "dropped": n, "example": (report["examples"].get(r) or [{}])[0].get("id", "")}
                for r, n in report["reasons"].items()]
     sources = [{"source": s, **v} for s, v in report["sources"].items()]
+    contamination = [{"benchmark": t, **{k: r.get(k) for k in ("items", "matched_items", "docs_cut", "docs_dropped",
+                                                               "chars_removed")}}
+                     for t, r in (report.get("contamination") or {}).items()]
     publish_markdown("curation-report",
                      f"# Curation report\n\n**{c['input_lines']}** input lines: **{c['kept']}** kept, "
                      f"**{c['rejected']}** rejected, **{c['quarantined']}** quarantined.\n\n"
                      f"## Steps\n\n{markdown_table(rows)}\n\n## Drops by reason\n\n{markdown_table(reasons)}\n\n"
-                     f"## Sources\n\n{markdown_table(sources)}\n\nOutput: `{out}`\n\nMLflow run (with the funnel plot "
+                     f"## Sources\n\n{markdown_table(sources)}\n\n"
+                     + (f"## Benchmark contamination\n\n{markdown_table(contamination)}\n\n" if contamination else "")
+                     + f"Output: `{out}`\n\nMLflow run (with the funnel plot "
                      f"`curation_funnel.png`): {run_url(rid)}\n",
                      "curation report")
     return report

@@ -44,6 +44,7 @@ REASONS = (
     "exact_dup",
     "near_dup",
     "semantic_dup",
+    "contamination",
     "quality",
 )
 

@@ -4,7 +4,9 @@
 input schema; herd's annotations are under ``metadata["herd"]``). ``DIR/rejected/*.jsonl.gz``: every
 dropped document with ``id``, ``text``, ``reason``, ``detail``, ``step``, ``source``, ``url``.
 ``DIR/quarantine/quarantine.jsonl``: malformed input lines with file, line, field and error.
-``DIR/report.json``: counts per step and reason, examples of each, throughput per step. Invariant
+``DIR/report.json``: counts per step and reason, examples of each, throughput per step, and (when the
+decontaminate step ran) ``contamination``: per benchmark, documents dropped and cut, characters removed
+and evaluation items matched. Invariant
 checked before anything is written: input lines = kept + rejected + quarantined.
 """
 
@@ -102,6 +104,9 @@ def finalize(ingest_dir: Path, steps: list[tuple[str, Path]], out_dir: Path, *, 
             "inputs": ingest_stats.get("files", []),
             "config": config or {},
         }
+        for st in step_stats:  # per benchmark: documents dropped and cut, characters removed, items matched
+            if "contamination" in st:
+                report["contamination"] = st["contamination"]
         report["kept_sha256"] = tree_sha256(tmp / KEPT)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report

@@ -24,6 +24,7 @@ from stages.curation.dedup import (
     minhash_dedup,
     semantic_dedup,
 )
+from stages.curation.decontam import DecontamConfig, benchmark_index, decontaminate
 from stages.curation.filters import HeuristicConfig, LanguageConfig, NsfwConfig, PiiConfig, UrlFilterConfig
 from stages.curation.ingest import IngestConfig
 from stages.curation.quality import QualityConfig, quality_filter
@@ -43,18 +44,25 @@ class CurationConfig(StageConfig):
     near_dedup: MinHashConfig = Field(default_factory=MinHashConfig, description="6b. MinHash-LSH fuzzy dedup")
     semantic_dedup: SemanticDedupConfig = Field(default_factory=SemanticDedupConfig,
                                                 description="6c. embedding-based semantic dedup")
-    quality: QualityConfig = Field(default_factory=QualityConfig, description="7. fastText quality classifier")
+    decontaminate: DecontamConfig = Field(default_factory=DecontamConfig,
+                                          description="7. benchmark decontamination: cut evaluation 13-grams "
+                                                      "(+200 characters either side) out of documents")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="8. fastText quality classifier")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig,
                                      description="datatrove executor: local (default), ray or slurm")
 
 
 STEP_ORDER = ("url", "language", "heuristics", "nsfw", "pii", "exact_dedup", "near_dedup", "semantic_dedup",
-              "quality")
+              "decontaminate", "quality")
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a step needs besides its config and folders."""
+    """What a step needs besides its config and folders.
+
+    ``extra["benchmark_texts"]``: ``(task, item_id, text)`` items the decontaminate step uses instead of
+    the standard benchmarks (tests; a held-out set of your own).
+    """
 
     cache_dir: Path
     classifier_path: Path | None = None
@@ -78,6 +86,12 @@ def _quality(cfg: CurationConfig, in_dir: Path, out_dir: Path, ctx: StepContext)
     return quality_filter(cfg.quality, ctx.classifier_path, in_dir, out_dir, cfg.executor)
 
 
+def _decontaminate(cfg: CurationConfig, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
+    texts = ctx.extra.get("benchmark_texts")
+    bench = texts if texts is not None else benchmark_index(cfg.decontaminate, ctx.cache_dir)
+    return decontaminate(cfg.decontaminate, bench, in_dir, out_dir)
+
+
 STEPS: dict[str, StepFn] = {
     "url": _filter("url"),
     "language": _filter("language"),
@@ -88,6 +102,7 @@ STEPS: dict[str, StepFn] = {
     "near_dedup": lambda cfg, i, o, ctx: minhash_dedup(cfg.near_dedup, i, o, cfg.executor),
     "semantic_dedup": lambda cfg, i, o, ctx: semantic_dedup(cfg.semantic_dedup, i, o,
                                                             cache_dir=ctx.cache_dir / "embeddings"),
+    "decontaminate": _decontaminate,
     "quality": _quality,
 }
 
@@ -109,6 +124,8 @@ def prepare_assets(cfg: CurationConfig, cache_dir: Path) -> dict[str, str]:
 
         lists = fetch_e2guardian(cache_dir)
         digests["nsfw"] = tree_sha256(lists) if lists else "no-e2guardian"
+    if cfg.decontaminate.enabled:  # the benchmark items' digest: a changed benchmark set recomputes the step
+        digests["decontaminate"] = benchmark_index(cfg.decontaminate, cache_dir).digest
     return digests
 
 

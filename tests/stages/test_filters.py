@@ -299,7 +299,8 @@ def test_disabled_steps_leave_the_chain():
     from stages.curation.pipeline import CurationConfig, enabled_steps
 
     cfg = CurationConfig(nsfw=NsfwConfig(enabled=False), semantic_dedup={"enabled": False})
-    assert enabled_steps(cfg) == ["url", "language", "heuristics", "pii", "exact_dedup", "near_dedup", "quality"]
+    assert enabled_steps(cfg) == ["url", "language", "heuristics", "pii", "exact_dedup", "near_dedup", "decontaminate",
+                                  "quality"]
 
 
 def test_heuristics_through_run_filter_step(tmp_path, real_docs):
