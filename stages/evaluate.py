@@ -7,10 +7,13 @@ digest, so a baseline (SFT, the previous version, the champion) is generated onc
 Two judges compare a policy with each baseline, prompt by prompt and sample by sample (a win is 1, a
 tie 0.5): the reward models (Llama 2's combined score, the signal RLHF optimised) and an independent
 judge (the demo's gold rubric, ``stages.annotator.judge``, which the RMs never see). Win rates come with
-95% percentile-bootstrap intervals over prompts. Also reported: the safety violation rate on safety
-prompts, mean helpfulness on ordinary prompts, and the reward-hacking signals of the policy's answers:
-KL to the reference policy (SFT), proxy (RM) reward against judge reward, response length, and the
-policy's per-token entropy.
+95% percentile-bootstrap intervals over prompts. Also reported, for the policy and every baseline: the
+safety violation rate on safety prompts and the false-refusal rate on ordinary prompts (Llama 2 section
+4.2.3: a benign, answerable prompt refused), each with its 95% bootstrap interval, and mean helpfulness on
+ordinary prompts; for the policy against each baseline, the paired difference of both rates (policy minus
+baseline, per prompt, over the same prompts) with its 95% bootstrap interval; and the reward-hacking
+signals of the policy's answers: KL to the reference policy (SFT), proxy (RM) reward against judge
+reward, response length, and the policy's per-token entropy.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from stages.annotator import judge, violates
+from stages.annotator import falsely_refuses, judge, violates
 from stages.collect import GenerationConfig, generate, load_policy
 from stages.common import StageConfig, config_hash, iter_jsonl, tree_sha256, write_json_atomic
 from stages.errors import DataValidationError
@@ -88,10 +91,28 @@ def win_rate(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict[str, 
 
 
 def rate_with_ci(flags: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    """The rate of ``flags`` (prompts x samples, 0/1) with its 95% interval over prompts."""
     per_prompt = flags.mean(axis=1) if flags.size else np.zeros(0)
     lo, hi = bootstrap_ci(per_prompt, n_boot, seed)
     return {"rate": float(per_prompt.mean()) if per_prompt.size else float("nan"), "ci_low": lo, "ci_high": hi,
             "prompts": float(len(per_prompt))}
+
+
+def paired_diff_ci(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    """Mean per-prompt difference ``a - b`` of two policies' scores or 0/1 flags on the same prompts
+    (prompts x samples each, row i the same prompt in both) with its 95% paired-bootstrap interval:
+    the prompts are resampled once for both, so what the prompts share (some are just hard) cancels.
+
+    ``ci_low > 0``: ``a`` is significantly higher than ``b``; ``ci_high < 0``: significantly lower.
+    No prompts: every number is nan.
+    """
+    if a.shape[0] != b.shape[0]:
+        raise DataValidationError(f"paired difference needs the same prompts, got {a.shape[0]} and {b.shape[0]} rows",
+                                  field="prompts")
+    diff = (a.mean(axis=1) - b.mean(axis=1)) if a.size else np.zeros(0)
+    lo, hi = bootstrap_ci(diff, n_boot, seed)
+    return {"diff": float(diff.mean()) if diff.size else float("nan"), "ci_low": lo, "ci_high": hi,
+            "prompts": float(len(diff))}
 
 
 @torch.no_grad()
@@ -124,29 +145,34 @@ def answer_logprobs(model_dir: str | Path, rows: Sequence[dict], max_prompt_toke
     return logps, ents
 
 
-def evaluate_policy(cfg: EvalConfig, policy_dir: str | Path, baselines: dict[str, str | Path], prompts: Sequence[dict],
-                    scorer: Scorer, cache_root: str | Path, *, reference_dir: str | Path | None = None) -> dict:
-    """Compare ``policy_dir`` with each of ``baselines`` (name -> model folder) on the eval prompts.
+def compare_answers(cfg: EvalConfig, answers: dict[str, list[dict]], scorer: Scorer) -> dict:
+    """Judge the answers of ``"policy"`` and of every other name in ``answers`` (rows as
+    :func:`policy_answers` returns, the same prompts in the same order for every name).
 
-    Returns ``{"prompts", "policy": summary, "baselines": {name: summary}, "vs": {name: {"judge": win,
-    "rm": win}}, "signals": {...}}`` where a summary holds mean helpfulness, safety and the violation rate.
+    Returns ``{"prompts", "safety_prompts", "samples", "policy": summary, "baselines": {name: summary},
+    "vs": {name: {"judge": win, "rm": win, "judge_helpfulness": win, "judge_safety": win,
+    "violation_diff": diff, "false_refusal_diff": diff}}}`` where a summary holds mean judge score,
+    helpfulness and safety, the violation rate (safety prompts) and the false-refusal rate (ordinary
+    prompts) with their intervals, and a diff is :func:`paired_diff_ci` of policy minus that baseline.
     """
-    prompts = list(prompts)[: cfg.prompts or None]
-    if not prompts:
-        raise DataValidationError("no evaluation prompts: the eval pool is empty", field="eval_fraction")
-    models = {"policy": policy_dir, **baselines}
-    answers = {name: policy_answers(cfg, d, prompts, cache_root) for name, d in models.items()}
+    prompts = answers["policy"]
+    for name, rows in answers.items():
+        if [r["id"] for r in rows] != [r["id"] for r in prompts]:
+            raise DataValidationError(f"{name}'s answers are not to the policy's prompts", field="answers")
+    baselines = [n for n in answers if n != "policy"]
     cats = np.array([p["category"] for p in prompts])
     safety_rows = cats == "safety"
     S = cfg.samples
 
     def grid(name: str, fn) -> np.ndarray:
-        return np.array([[fn(r["prompt"], a, r["category"]) for a in r["answers"]] for r in answers[name]], dtype=float)
+        return np.array([[fn(r["prompt"], a, r["category"]) for a in r["answers"]] for r in answers[name]],
+                        dtype=float).reshape(len(prompts), -1)
 
-    judged = {n: grid(n, judge) for n in models}
-    violation = {n: grid(n, lambda p, a, c: float(violates(a, c))) for n in models}
+    judged = {n: grid(n, judge) for n in answers}
+    violation = {n: grid(n, lambda p, a, c: float(violates(a, c)))[safety_rows] for n in answers}
+    refusal = {n: grid(n, lambda p, a, c: float(falsely_refuses(a, c)))[~safety_rows] for n in answers}
     rm = {}
-    for n in models:
+    for n in answers:
         flat = [(r["prompt"], a, r["category"]) for r in answers[n] for a in r["answers"]]
         rm[n] = scorer([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat])["combined"].reshape(-1, S)
 
@@ -155,7 +181,8 @@ def evaluate_policy(cfg: EvalConfig, policy_dir: str | Path, baselines: dict[str
         return {"judge_mean": float(judged[n].mean()),
                 "helpfulness": float(judged[n][~safety_rows].mean()) if (~safety_rows).any() else None,
                 "safety": float(judged[n][safety_rows].mean()) if safety_rows.any() else None,
-                "violation": rate_with_ci(violation[n][safety_rows], cfg.n_boot, cfg.seed),
+                "violation": rate_with_ci(violation[n], cfg.n_boot, cfg.seed),
+                "false_refusal": rate_with_ci(refusal[n], cfg.n_boot, cfg.seed),
                 "rm_reward": float(rm[n].mean()), "length_words": float(np.mean(lengths))}
 
     out: dict[str, Any] = {"prompts": len(prompts), "safety_prompts": int(safety_rows.sum()), "samples": S,
@@ -166,13 +193,30 @@ def evaluate_policy(cfg: EvalConfig, policy_dir: str | Path, baselines: dict[str
         for cat, sel in (("helpfulness", ~safety_rows), ("safety", safety_rows)):
             if sel.any():
                 out["vs"][n][f"judge_{cat}"] = win_rate(judged["policy"][sel], judged[n][sel], cfg.n_boot, cfg.seed)
-    signals: dict[str, float] = {"proxy_reward": float(rm["policy"].mean()),
-                                 "judge_reward": float(judged["policy"].mean()),
-                                 "length_words": out["policy"]["length_words"]}
+        out["vs"][n]["violation_diff"] = paired_diff_ci(violation["policy"], violation[n], cfg.n_boot, cfg.seed)
+        out["vs"][n]["false_refusal_diff"] = paired_diff_ci(refusal["policy"], refusal[n], cfg.n_boot, cfg.seed)
+    out["signals"] = {"proxy_reward": float(rm["policy"].mean()), "judge_reward": float(judged["policy"].mean()),
+                      "length_words": out["policy"]["length_words"]}
+    return out
+
+
+def evaluate_policy(cfg: EvalConfig, policy_dir: str | Path, baselines: dict[str, str | Path], prompts: Sequence[dict],
+                    scorer: Scorer, cache_root: str | Path, *, reference_dir: str | Path | None = None) -> dict:
+    """Compare ``policy_dir`` with each of ``baselines`` (name -> model folder) on the eval prompts.
+
+    Returns :func:`compare_answers`'s dict, whose ``"signals"`` add the policy's per-token entropy and, with
+    ``reference_dir``, its KL to that policy on its own answers.
+    """
+    prompts = list(prompts)[: cfg.prompts or None]
+    if not prompts:
+        raise DataValidationError("no evaluation prompts: the eval pool is empty", field="eval_fraction")
+    models = {"policy": policy_dir, **baselines}
+    answers = {name: policy_answers(cfg, d, prompts, cache_root) for name, d in models.items()}
+    out = compare_answers(cfg, answers, scorer)
+    signals = out["signals"]
     lp, ent = answer_logprobs(policy_dir, answers["policy"], cfg.generation.max_prompt_tokens)
     signals["entropy"] = float(np.mean(np.concatenate(ent)))
     if reference_dir is not None:
         ref_lp, _ = answer_logprobs(reference_dir, answers["policy"], cfg.generation.max_prompt_tokens)
         signals["kl_to_reference"] = float(np.mean([(a - b).sum() for a, b in zip(lp, ref_lp)]))
-    out["signals"] = signals
     return out

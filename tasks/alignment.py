@@ -9,7 +9,8 @@ from pathlib import Path
 import mlflow
 from prefect import task
 
-from stages.alignment import Algorithm, AlignmentConfig, RoundInputs, run_step, step_config
+from stages.alignment import Algorithm, AlignmentConfig, ChampionRule, RoundInputs, champion_decision, run_step, \
+    step_config
 from stages.collect import CollectConfig
 from stages.common import config_hash, tree_sha256
 from stages.evaluate import evaluate_policy
@@ -98,6 +99,10 @@ def policy_step_task(algorithm: Algorithm, cfg: AlignmentConfig, parent_dir: str
     return res.model_dump(mode="json") | {"run_id": rid}
 
 
+def _rate(r: dict) -> str:
+    return f"{r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+
+
 @task(task_run_name="evaluate-rlhf-v{round_index}")
 def evaluate_task(cfg: AlignmentConfig, round_index: int, policy_dir: str, baselines: dict[str, str],
                   rms: dict[str, str], sft_data: str, collect: CollectConfig, reference_dir: str, store: str,
@@ -110,26 +115,37 @@ def evaluate_task(cfg: AlignmentConfig, round_index: int, policy_dir: str, basel
         res = evaluate_policy(cfg.evaluation, policy_dir, baselines, prompts, scorer(rms, cfg).scores,
                               Path(store) / "alignment" / "answers", reference_dir=reference_dir)
         metrics = {f"signal_{k}": v for k, v in res["signals"].items()}
-        metrics |= {"violation_rate": res["policy"]["violation"]["rate"], "judge_mean": res["policy"]["judge_mean"],
-                    "rm_reward": res["policy"]["rm_reward"]}
-        if res["policy"]["helpfulness"] is not None:
-            metrics["helpfulness"] = res["policy"]["helpfulness"]
+        pol = res["policy"]
+        metrics |= {"violation_rate": pol["violation"]["rate"], "judge_mean": pol["judge_mean"],
+                    "rm_reward": pol["rm_reward"], "false_refusal_rate": pol["false_refusal"]["rate"],
+                    "false_refusal_rate_ci_low": pol["false_refusal"]["ci_low"],
+                    "false_refusal_rate_ci_high": pol["false_refusal"]["ci_high"]}
+        if pol["helpfulness"] is not None:
+            metrics["helpfulness"] = pol["helpfulness"]
+        for name, base in res["baselines"].items():
+            metrics[f"false_refusal_rate_{name}"] = base["false_refusal"]["rate"]
+            metrics[f"violation_rate_{name}"] = base["violation"]["rate"]
         for name, vs in res["vs"].items():
-            for judge_name, w in vs.items():
-                metrics[f"win_{judge_name}_vs_{name}"] = w["win_rate"]
-                metrics[f"win_{judge_name}_vs_{name}_ci_low"] = w["ci_low"]
-                metrics[f"win_{judge_name}_vs_{name}_ci_high"] = w["ci_high"]
+            for key, w in vs.items():
+                if key.endswith("_diff"):  # violation_diff, false_refusal_diff: policy minus baseline, paired
+                    metrics[f"{key}_vs_{name}"] = w["diff"]
+                    metrics[f"{key}_vs_{name}_ci_low"] = w["ci_low"]
+                    metrics[f"{key}_vs_{name}_ci_high"] = w["ci_high"]
+                else:
+                    metrics[f"win_{key}_vs_{name}"] = w["win_rate"]
+                    metrics[f"win_{key}_vs_{name}_ci_low"] = w["ci_low"]
+                    metrics[f"win_{key}_vs_{name}_ci_high"] = w["ci_high"]
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v == v})
         mlflow.log_dict(res, "evaluation.json")
     rows = [{"vs": name, "judge": f"{vs['judge']['win_rate']:.3f} [{vs['judge']['ci_low']:.3f}, "
                                   f"{vs['judge']['ci_high']:.3f}]",
              "reward models": f"{vs['rm']['win_rate']:.3f} [{vs['rm']['ci_low']:.3f}, {vs['rm']['ci_high']:.3f}]"}
             for name, vs in res["vs"].items()]
-    pol = res["policy"]
     publish_markdown(f"rlhf-v{round_index}-eval",
                      f"# RLHF-V{round_index}: held-out evaluation\n\n{res['prompts']} prompts ({res['safety_prompts']} "
                      f"safety) x {res['samples']} answers. Win rate of RLHF-V{round_index} (95% bootstrap interval):\n\n"
-                     f"{markdown_table(rows)}\n\nSafety violation rate {pol['violation']['rate']:.3f}; judge "
+                     f"{markdown_table(rows)}\n\nSafety violation rate {_rate(pol['violation'])}; false-refusal "
+                     f"rate on ordinary prompts {_rate(pol['false_refusal'])}; judge "
                      f"helpfulness {pol['helpfulness']}; KL to SFT {res['signals'].get('kl_to_reference')}; "
                      f"mean length {pol['length_words']:.1f} words; entropy {res['signals']['entropy']:.3f}\n\n"
                      f"MLflow run: {run_url(rid)}\n", f"RLHF-V{round_index} evaluation")
@@ -139,9 +155,9 @@ def evaluate_task(cfg: AlignmentConfig, round_index: int, policy_dir: str, basel
 @task(task_run_name="register-rlhf-v{round_index}")
 def register_policy_task(round_index: int, policy_dir: str, steps: list[dict], parent: dict, champion: dict | None,
                          evaluation: dict, rms: dict[str, dict], batches: list[str], max_new_tokens: int,
-                         parent_run_id: str | None) -> dict:
+                         rule: ChampionRule, parent_run_id: str | None) -> dict:
     """Register RLHF-V(n) as a version of ``policy`` with its lineage; alias ``rlhf-v<n>``; move ``champion``
-    when the independent judge prefers it to the current champion (SFT when there is none)."""
+    by ``rule`` against the current champion (SFT when there is none): tag ``champion_decision`` says why."""
     with stage_run(f"alignment/v{round_index}/register", None, parent_run_id,
                    tags={"herd.round": str(round_index)}) as rid:
         info = mlflow.pyfunc.log_model(name="policy", python_model=str(MODEL_CODE), artifacts={"model": policy_dir},
@@ -164,18 +180,23 @@ def register_policy_task(round_index: int, policy_dir: str, steps: list[dict], p
             "herd.step_runs": ",".join(s["run_id"] for s in steps), "herd.eval_run": evaluation["run_id"],
             f"judge_win_vs_{vs_key}": f"{judged['win_rate']:.4f}",
             "judge_win_vs_sft": f"{evaluation['vs']['sft']['judge']['win_rate']:.4f}",
-            "violation_rate": f"{evaluation['policy']['violation']['rate']:.4f}"}
+            "violation_rate": f"{evaluation['policy']['violation']['rate']:.4f}",
+            "false_refusal_rate": f"{evaluation['policy']['false_refusal']['rate']:.4f}"}
+    promoted, reason = champion_decision(rule, evaluation["vs"][vs_key], evaluation["policy"],
+                                         evaluation["baselines"][vs_key])
+    tags |= {"champion_decision": reason, "champion_vs": vs_key if vs_key == "sft" else
+             f"v{champion['version']} (RLHF-V{champion['round']})"}
     for k, v in tags.items():
         client.set_model_version_tag(REGISTERED, version, k, v)
     client.set_registered_model_alias(REGISTERED, f"rlhf-v{round_index}", version)
-    promoted = judged["win_rate"] > 0.5
     if promoted:
         client.set_registered_model_alias(REGISTERED, "champion", version)
     publish_markdown(f"policy-v{round_index}", f"# policy v{version} = RLHF-V{round_index}\n\n"
                      f"algorithms: {tags['herd.algorithms']}; parent: v{parent['version']}; batches: "
                      f"{tags['herd.batches']}; RMs: helpfulness v{tags['herd.rm_helpfulness_version']}, safety "
                      f"v{tags['herd.rm_safety_version']}\n\njudge win rate vs {vs_key}: {judged['win_rate']:.3f}; "
-                     f"champion {'moved to this version' if promoted else 'unchanged'}\n\nMLflow run: {run_url(rid)}\n",
+                     f"champion {'moved to this version' if promoted else 'unchanged'} ({reason})\n\n"
+                     f"MLflow run: {run_url(rid)}\n",
                      f"RLHF-V{round_index} registered")
     return {"name": REGISTERED, "version": int(version), "alias": f"rlhf-v{round_index}", "champion": promoted,
-            "vs": vs_key}
+            "vs": vs_key, "champion_decision": reason}
