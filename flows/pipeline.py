@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from prefect import flow
@@ -12,6 +14,9 @@ from flows.rounds import alignment_round_flow
 from flows.pretraining import pretrain_flow, scaling_fit_flow, scaling_sweep_flow, tokenizer_flow
 from herd.settings import load_settings
 from stages.presets import PipelineConfig, tiny
+from tasks.evaluation import benchmark_task
+from tasks.progress import report
+from tasks.report import report_task
 from tasks.tracking import parent_run
 
 
@@ -25,6 +30,19 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
         config: Every stage's config (fetch, curation, mix, pretraining, sft, preferences, rewards, alignment).
     """
     s = load_settings()
+    t_start = time.perf_counter()
+    clock = {"t": t_start}
+
+    def lap() -> float:  # seconds since the previous lap: each model stage's wall time
+        now = time.perf_counter()
+        dt, clock["t"] = now - clock["t"], now
+        return dt
+
+    def bench(model_dir: str, label: str, run_id: str) -> dict:
+        res = benchmark_task(config.benchmarks, model_dir, label, str(s.store), str(s.cache), run_id)
+        report(f"benchmarks-{label}", {})
+        return res["tasks"]
+
     with parent_run("herd-pipeline", config) as run_id:
         fetched = data_fetch_flow(config.fetch, parent_run_id=run_id)
         curated = curation_flow([fetched["path"]], str(s.home / "curated" / config.name), config.curation, config.fetch,
@@ -38,15 +56,35 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
             sweep = scaling_sweep_flow(p, tok["tokens"]["path"], parent_run_id=run_id)
             fit = scaling_fit_flow(sweep["runs_csv"], str(s.home / "scaling" / config.name), p.fit, p.budget,
                                    parent_run_id=run_id)
+        lap()
         model = pretrain_flow(p, tok["tokens"]["path"], str(Path(fit["output"]) / "fit.json") if fit else None,
                               parent_run_id=run_id)
+        params = model.get("total_params") or model["num_params"]
+        stages = [{"stage": "base", "model_dir": model["model_dir"], "params": params, "tokens": model["tokens"],
+                   "heldout_loss": model["heldout_loss"], "wall_s": lap(),
+                   "benchmarks": bench(model["model_dir"], "base", run_id)}]
         tuned = sft_flow(config.sft, model["model_dir"], tok["tokenizer"]["path"], parent_run_id=run_id)
+        stages.append({"stage": "sft", "model_dir": tuned["model_dir"], "params": params,
+                       "tokens": _sft_tokens(tuned), "heldout_loss": tuned["heldout_loss"], "wall_s": lap(),
+                       "benchmarks": bench(tuned["model_dir"], "sft", run_id)})
         rounds = []
         for k in range(config.preferences.batches):  # the weekly loop: collect, annotate, ingest, retrain RMs
             preference_collect_flow(config.preferences, tuned["model_dir"], batch_index=k + 1, parent_run_id=run_id)
             rounds.append(reward_models_flow(config.rewards, tuned["model_dir"], parent_run_id=run_id))
-        aligned = [alignment_round_flow(config.alignment, config.rewards, config.preferences, parent_run_id=run_id)
-                   for _ in range(config.alignment.rounds)]  # RLHF-V1..V(n), each one weekly round
+        lap()
+        aligned = []
+        for _ in range(config.alignment.rounds):  # RLHF-V1..V(n), each one weekly round
+            a = alignment_round_flow(config.alignment, config.rewards, config.preferences,
+                                     benchmarks=config.benchmarks, parent_run_id=run_id)
+            aligned.append(a)
+            stages.append(_round_stage(a, params, lap()))
+        if aligned:  # SFT's alignment numbers: the first round's baseline
+            base_sft = aligned[0]["evaluation"]["baselines"].get("sft") or {}
+            stages[1] |= {"violation_rate": _rate(base_sft.get("violation")),
+                          "false_refusal_rate": _rate(base_sft.get("false_refusal"))}
+        card = report_task(stages, run_id, config.name, _contamination(curated["output"]),
+                           time.perf_counter() - t_start, str(s.home))
+        report("report-card", {})
     return {"fetch": {"path": fetched["path"], "docs": fetched["docs"]}, "curation": curated,
             "mix": {k: mixed[k] for k in ("output", "key")},
             "tokenizer": {"path": tok["tokenizer"]["path"], "compression": tok["tokenizer"]["compression"]},
@@ -61,7 +99,36 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
                                                      "by_rating": {k: v["accuracy"] for k, v in
                                                                    m["heldout"]["by_rating"].items()}}
                                                  for c, m in r["reward_models"].items()}} for r in rounds],
-            "alignment": [round_summary(a) for a in aligned]}
+            "alignment": [round_summary(a) for a in aligned],
+            "report": {"path": card["path"], "markdown": card["markdown"]}}
+
+
+def _rate(r: dict | None) -> list[float] | None:
+    return [r["rate"], r["ci_low"], r["ci_high"]] if r and "rate" in r else None
+
+
+def _round_stage(a: dict, params: int, wall_s: float) -> dict:
+    ev = a["evaluation"]
+    judge = ev["vs"]["sft"]["judge"] if "sft" in ev["vs"] else None
+    return {"stage": f"rlhf-v{a['round']}", "model_dir": a["policy"], "params": params, "tokens": None,
+            "heldout_loss": None, "wall_s": wall_s, "benchmarks": a["benchmarks"]["tasks"],
+            "judge_win_vs_sft": [judge["win_rate"], judge["ci_low"], judge["ci_high"]] if judge else None,
+            "violation_rate": _rate(ev["policy"].get("violation")),
+            "false_refusal_rate": _rate(ev["policy"].get("false_refusal")),
+            "algorithms": a["algorithms"], "champion": a["registered"].get("champion")}
+
+
+def _sft_tokens(tuned: dict) -> int | None:
+    train = (tuned.get("tokens") or {}).get("train") or {}
+    n = train.get("tokens") or train.get("scored_tokens")
+    return int(n) if n else None
+
+
+def _contamination(curated: str) -> dict:
+    path = Path(curated) / "report.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get("contamination") or {}
 
 
 def round_summary(r: dict) -> dict:
@@ -72,5 +139,6 @@ def round_summary(r: dict) -> dict:
             "win_rates": {vs: {j: [round(w[j]["win_rate"], 3), round(w[j]["ci_low"], 3), round(w[j]["ci_high"], 3)]
                                for j in ("judge", "rm")} for vs, w in ev["vs"].items()},
             "violation_rate": round(ev["policy"]["violation"]["rate"], 3),
+            "false_refusal_rate": round(ev["policy"]["false_refusal"]["rate"], 3),
             "helpfulness": ev["policy"]["helpfulness"], "signals": {k: round(v, 3) for k, v in ev["signals"].items()},
             "steps": r["steps"]}

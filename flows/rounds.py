@@ -13,11 +13,13 @@ from flows.alignment import preference_collect_flow, reward_models_flow
 from herd.settings import load_settings
 from stages.alignment import AlignmentConfig
 from stages.collect import PreferenceLoopConfig
+from stages.evaluation.harness import HarnessConfig
 from stages.presets import tiny
 from stages.preferences import batch_dirs
 from stages.reward import RewardsConfig
 from tasks.alignment import evaluate_task, policy_step_task, register_policy_task, round_state_task
 from tasks.common import get_latest, set_latest
+from tasks.evaluation import benchmark_task
 from tasks.progress import report
 from tasks.tracking import parent_run
 
@@ -25,17 +27,20 @@ from tasks.tracking import parent_run
 @flow(name="alignment-round")
 def alignment_round_flow(config: AlignmentConfig = tiny().alignment, rewards: RewardsConfig = tiny().rewards,
                          preferences: PreferenceLoopConfig = tiny().preferences, round: int | None = None,  # noqa: A002
-                         parent_run_id: str | None = None) -> dict:
+                         benchmarks: HarnessConfig = tiny().benchmarks, parent_run_id: str | None = None) -> dict:
     """One alignment round: ingest new preference batches, retrain the reward models, produce RLHF-V(n) with the
-    scheduled algorithms (rejection sampling, PPO, DPO), evaluate it against V(n-1) and SFT, register it as
-    `policy` (alias rlhf-v<n>, `champion` when the judge prefers it) and collect the next batch from it.
+    scheduled algorithms (rejection sampling, PPO, DPO), evaluate it against V(n-1), SFT and the champion, register it
+    as `policy` (alias rlhf-v<n>; `champion` when `config.champion`'s rule says so: the judge's win interval above
+    50% and no significant rise in safety violations or false refusals) and collect the next batch from it.
     ``round`` defaults to the registry's newest round + 1.
 
     Args:
-        config: The alignment schedule (algorithms per round), rejection sampling, PPO, DPO and evaluation.
+        config: The alignment schedule (algorithms per round), rejection sampling, PPO, DPO, evaluation and the
+            champion rule.
         rewards: The helpfulness and safety reward-model configs.
         preferences: How the next batch is collected and (simulated) annotated.
         round: Round n to run (default: the `policy` registry's newest round + 1).
+        benchmarks: Standard benchmarks scored on RLHF-V(n) (the report card's row; `limit` items per task).
         parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
     """
     s = load_settings()
@@ -66,9 +71,13 @@ def alignment_round_flow(config: AlignmentConfig = tiny().alignment, rewards: Re
         if champion and "champion" not in evaluation["vs"]:  # the champion is SFT or the previous version
             key = "previous" if champion["model_dir"] == parent["model_dir"] else "sft"
             evaluation["vs"]["champion"] = evaluation["vs"][key]
+            evaluation["baselines"]["champion"] = evaluation["baselines"][key]
         report("evaluate", {})
+        bench = benchmark_task(benchmarks, policy, f"rlhf-v{n}", str(s.store), str(s.cache), run_id)
+        report("benchmarks", {})
         registered = register_policy_task(n, policy, steps, parent, champion, evaluation, rms["reward_models"],
-                                          batches, config.evaluation.generation.max_new_tokens, run_id)
+                                          batches, config.evaluation.generation.max_new_tokens, config.champion,
+                                          run_id)
         set_latest(s.home, policy=policy, policy_round=str(n))
         collected = None
         if config.collect_next:
@@ -76,7 +85,9 @@ def alignment_round_flow(config: AlignmentConfig = tiny().alignment, rewards: Re
             report("collect-next", {})
     return {"round": n, "policy": policy, "parent": parent, "algorithms": [st["algorithm"] for st in steps],
             "steps": [{"algorithm": st["algorithm"], "metrics": st["metrics"]} for st in steps],
-            "registered": registered, "evaluation": {k: evaluation[k] for k in ("policy", "vs", "signals", "prompts")},
+            "registered": registered,
+            "evaluation": {k: evaluation[k] for k in ("policy", "baselines", "vs", "signals", "prompts")},
+            "benchmarks": {k: bench[k] for k in ("tasks", "output", "run_id")},
             "reward_models": {c: {"version": m["version"], "heldout_accuracy": m["heldout"]["accuracy"]}
                               for c, m in rms["reward_models"].items()},
             "staleness": {c: [{"batch_id": x["batch_id"], "accuracy": x["accuracy"]} for x in v]

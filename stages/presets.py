@@ -19,7 +19,7 @@ from stages.data.fetch import FetchConfig, smoke_fetch, tiny_fetch
 from stages.errors import ConfigError
 from stages.mix import MixConfig
 from stages.pretrain import PretrainConfig
-from stages.alignment import AlignmentConfig
+from stages.alignment import AlignmentConfig, ChampionRule
 from stages.collect import CollectConfig, GenerationConfig, PreferenceLoopConfig
 from stages.dpo import DPOConfig
 from stages.evaluate import EvalConfig
@@ -95,8 +95,9 @@ def tiny() -> PipelineConfig:
     return PipelineConfig(name="tiny", fetch=tiny_fetch(), curation=_demo_curation(), mix=MixConfig(tokens=250_000),
                           pretraining=_tiny_pretraining(), sft=_tiny_sft(), preferences=_tiny_preferences(),
                           rewards=_tiny_rewards(), alignment=_tiny_alignment(),
-                          # 200 items per core task keep a stage's benchmarks under a minute on 2 cores
-                          benchmarks=HarnessConfig(tasks="core", limit=200))
+                          # 100 items per core task (a seeded sample; 2,200 items per model) keep a stage's benchmarks
+                          # near a minute on 2 cores; `herd eval --limit 0` scores the full sets
+                          benchmarks=HarnessConfig(tasks="core", limit=100))
 
 
 def _tiny_sft() -> SFTConfig:
@@ -252,6 +253,10 @@ def _smoke_alignment() -> AlignmentConfig:
                       max_prompt_tokens=64),
         dpo=DPOConfig(lr=1e-4, batch_pairs=8, micro_pairs=4, max_tokens=96, last_batches=1),
         evaluation=EvalConfig(prompts=16, samples=1, generation=gen, n_boot=100),
+        # the smoke policies barely differ from SFT (judge win ~0.5 [0.5, 0.6] on 16 prompts), so the default bound
+        # (0.5) would never move the champion; a lower one exercises the champion moving and later rounds
+        # comparing against it
+        champion=ChampionRule(min_judge_ci_low=0.25),
     )
 
 

@@ -21,9 +21,9 @@ INBOX = "preference-inbox/preference-inbox"
 OTHERS = ["herd-pipeline/herd-pipeline", INBOX, "reward-models/reward-models", "sft/sft",
           "data-fetch/data-fetch", "curation/curation", "mix/mix", "tokenizer/tokenizer",
           "scaling-sweep/scaling-sweep", "scaling-fit/scaling-fit", "pretrain/pretrain",
-          "preference-ingest/preference-ingest", "preference-collect/preference-collect"]
+          "preference-ingest/preference-ingest", "preference-collect/preference-collect", "benchmarks/benchmarks"]
 # the config parameters whose form comes from a pydantic model (every field typed and described)
-CONFIGS = {ROUND: ["config", "rewards", "preferences"], "herd-pipeline/herd-pipeline": ["config"],
+CONFIGS = {ROUND: ["config", "rewards", "preferences", "benchmarks"], "benchmarks/benchmarks": ["config"], "herd-pipeline/herd-pipeline": ["config"],
            "data-fetch/data-fetch": ["config"], "curation/curation": ["config", "classifier_corpus"],
            "mix/mix": ["config"], "tokenizer/tokenizer": ["config"], "scaling-sweep/scaling-sweep": ["config"],
            "scaling-fit/scaling-fit": ["config"], "pretrain/pretrain": ["config"], "sft/sft": ["config"],

@@ -86,7 +86,8 @@ def rounds(loop):
     from flows.rounds import alignment_round_flow
 
     cfg = loop["cfg"]
-    return [alignment_round_flow(cfg.alignment, cfg.rewards, cfg.preferences) for _ in range(cfg.alignment.rounds)]
+    return [alignment_round_flow(cfg.alignment, cfg.rewards, cfg.preferences, benchmarks=cfg.benchmarks)
+            for _ in range(cfg.alignment.rounds)]
 
 
 def test_rounds_run_the_schedule_and_chain_policies(rounds, loop):
@@ -123,10 +124,32 @@ def test_evaluation_reports_win_rates_with_intervals_and_signals(rounds):
                 w = vs[judge]
                 assert 0 <= w["ci_low"] <= w["win_rate"] <= w["ci_high"] <= 1
         assert 0 <= ev["policy"]["violation"]["rate"] <= 1
+        for summary in (ev["policy"], *ev["baselines"].values()):  # false refusals of ordinary prompts
+            fr = summary["false_refusal"]
+            assert 0 <= fr["ci_low"] <= fr["rate"] <= fr["ci_high"] <= 1 and fr["prompts"] > 0
+        for vs in ev["vs"].values():  # paired differences, policy minus baseline, on the same prompts
+            for key in ("violation_diff", "false_refusal_diff"):
+                assert -1 <= vs[key]["ci_low"] <= vs[key]["diff"] <= vs[key]["ci_high"] <= 1
         assert {"kl_to_reference", "entropy", "proxy_reward", "judge_reward", "length_words"} <= set(ev["signals"])
 
 
-def test_policy_versions_carry_their_lineage_and_aliases(rounds):
+def test_every_round_scores_its_policy_on_the_core_benchmarks(rounds, loop):
+    from stages.evaluation.benchmarks import SUITES
+
+    cfg = loop["cfg"].benchmarks
+    client = mlflow.MlflowClient()
+    for r in rounds:
+        tasks = r["benchmarks"]["tasks"]
+        assert set(tasks) == set(SUITES["core"]) and all(t["n"] == cfg.limit for t in tasks.values())
+        results = json.loads((Path(r["benchmarks"]["output"]) / "results.json").read_text())
+        assert results["tasks"] == tasks and results["model"] == r["policy"]
+        run = client.get_run(r["benchmarks"]["run_id"])
+        assert run.data.tags["herd.eval.stage"] == f"rlhf-v{r['round']}" and run.data.tags["herd.model_dir"] == r["policy"]
+        assert run.data.metrics["eval/hellaswag/acc_norm"] == pytest.approx(tasks["hellaswag"]["metrics"]["acc_norm"])
+        assert run.data.metrics["eval/lambada/bpb"] > 0
+
+
+def test_policy_versions_carry_their_lineage_and_aliases(rounds, loop):
     client = mlflow.MlflowClient()
     for r in rounds:
         reg = r["registered"]
@@ -139,15 +162,29 @@ def test_policy_versions_carry_their_lineage_and_aliases(rounds):
         steps = [client.get_run(x) for x in v.tags["herd.step_runs"].split(",")]
         names = {d.dataset.name for s in steps for d in s.inputs.dataset_inputs}
         assert {"parent-policy", "rm-helpfulness", "rm-safety", "policy"} <= names
-    # the champion moved exactly when the judge preferred the new version
+    # the champion moved exactly when the rule says so (judge interval above 0.5, no significant rise in violations
+    # or false refusals against the champion of the time), and each version's tag says why it did or did not
+    from stages.alignment import champion_decision
+
+    rule = loop["cfg"].alignment.champion
     moved = [r["round"] for r in rounds if r["registered"]["champion"]]
-    champion = client.get_model_version_by_alias("policy", "champion") if moved else None
     if moved:
+        champion = client.get_model_version_by_alias("policy", "champion")
         assert champion.tags["herd.round"] == str(moved[-1])
-    for r in rounds:
-        vs = r["evaluation"]["vs"]
-        key = r["registered"]["vs"]
-        assert r["registered"]["champion"] == (vs[key]["judge"]["win_rate"] > 0.5)
+    else:
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            client.get_model_version_by_alias("policy", "champion")
+    for i, r in enumerate(rounds):
+        ev, reg = r["evaluation"], r["registered"]
+        key = reg["vs"]
+        assert key == ("champion" if any(x["registered"]["champion"] for x in rounds[:i]) else "sft")
+        decision = champion_decision(rule, ev["vs"][key], ev["policy"], ev["baselines"][key])
+        assert (reg["champion"], reg["champion_decision"]) == decision
+        tag = client.get_model_version("policy", str(reg["version"])).tags["champion_decision"]
+        assert tag == reg["champion_decision"]
+        assert tag.startswith("moved: judge win " if reg["champion"] else "kept: judge win ")
+        assert "; violation " in tag and "; false refusal " in tag
+        assert reg["champion"] <= (ev["vs"][key]["judge"]["ci_low"] > rule.min_judge_ci_low)
 
 
 def test_a_round_needs_its_predecessor(rounds):
