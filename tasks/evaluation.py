@@ -39,7 +39,7 @@ def benchmark_task(cfg: HarnessConfig, model_dir: str, label: str, store: str, c
     """Score ``model_dir`` (the stage ``label``: base, sft, rlhf-v1, ...) on ``cfg.tasks``."""
     with stage_run(f"benchmarks/{label}", cfg, parent_run_id, tags={"herd.eval.stage": label,
                                                                   "herd.model_dir": model_dir}) as rid:
-        res = run_benchmarks(cfg, model_dir, cache, store, model_name=model_name or label,
+        res = run_benchmarks(cfg, model_dir, cache, store, model_name=model_name or model_dir,
                              progress=lambda t, d, n: report_items(f"{label} {t}", d, n))
         log_dataset(f"model-{label}", model_dir, _digest(model_dir), "input")
         for name, src in res.get("benchmarks", {}).items():
