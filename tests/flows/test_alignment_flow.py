@@ -192,3 +192,18 @@ def test_a_round_needs_its_predecessor(rounds):
 
     with pytest.raises(ValueError, match="RLHF-V8"):
         alignment_round_flow(round=9)
+
+
+def test_a_registered_policy_is_scored_by_its_alias(rounds, tmp_path):
+    from flows.evaluation import benchmarks_flow
+    from stages.errors import ConfigError
+    from stages.evaluation.harness import HarnessConfig
+
+    res = benchmarks_flow("models:/policy@rlhf-v2", HarnessConfig(tasks="arc_easy,lambada", limit=4),
+                          output=str(tmp_path / "out"))
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["model"] == "models:/policy@rlhf-v2" and set(written["tasks"]) == {"arc_easy", "lambada"}
+    assert res["tasks"]["arc_easy"]["n"] == 4
+    assert mlflow.MlflowClient().get_run(res["run_id"]).data.tags["herd.model_dir"] == rounds[1]["policy"]
+    with pytest.raises(ConfigError, match="models:/policy@nope"):
+        benchmarks_flow("models:/policy@nope", HarnessConfig(tasks="arc_easy", limit=2))
