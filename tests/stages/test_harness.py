@@ -179,3 +179,18 @@ def test_downstream_probe_logs_bpb_and_restores_the_model(tiny):
     assert set(out) == {"downstream/toy/bpb", "downstream/toy/acc_norm"} and out["downstream/toy/bpb"] > 0
     assert model.training and model.config.use_cache is False
     assert probe.due(10) and not probe.due(7)
+
+
+def test_continuations_split_into_length_runs_still_match_full_sequences(tiny, monkeypatch):
+    """With no per-forward cost every continuation length gets its own run (its own copy of the KV cache)."""
+    from stages.evaluation import harness
+
+    assert harness._length_batches([100, 10, 10, 10], 8) == [[0], [1, 2, 3]]
+    assert harness._length_batches([5, 5, 5], 1000) == [[0, 1, 2]]
+    monkeypatch.setattr(harness, "_RUN_OVERHEAD", {"cpu": 0})
+    model, tok, _ = tiny
+    lls, _ = choice_loglikelihoods(model, tok, ITEMS, [""] * len(ITEMS), batch_tokens=100_000, max_length=512,
+                                   device=torch.device("cpu"))
+    for it, ll in zip(ITEMS, lls):
+        for c in range(it.n_choices):
+            assert ll[c] == pytest.approx(naive_ll(model, tok, it.contexts[c], it.continuations[c])[0], abs=1e-4)
