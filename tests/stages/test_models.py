@@ -1,40 +1,19 @@
 """A real pretrained Llama that ships in a package (SmolLM2-135M-Instruct, GGUF) imported as a plain
-Hugging Face folder, and fine-tuned by herd's SFT through its own (ChatML) chat template."""
+Hugging Face folder (the session-wide ``smollm2`` fixture of tests/conftest.py), and fine-tuned by herd's SFT
+through its own (ChatML) chat template."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from stages.data.models import import_model
 from stages.pretrain import PretrainConfig
 from stages.sft import SFTConfig, sft
 from stages.sft_data import SFTTokenizeConfig, chat_tokens
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def smollm2(package_cache, tmp_path_factory) -> Path:
-    """Imported the way a user does it, `herd models import` (its own process: the GGUF reader leaves this
-    process's floating-point state such that fastText training later hits NaN)."""
-    home = tmp_path_factory.mktemp("models-home")
-    (home / "cache").symlink_to(package_cache, target_is_directory=True)
-    out = home / "smollm2-135m"
-    env = {**os.environ, "HERD_HOME": str(home)}
-    res = subprocess.run([sys.executable, "-m", "herd.cli", "models", "import", "smollm2-135m", "--output", str(out)],
-                         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    man = json.loads(res.stdout)
-    assert man["path"] == str(out) and 130e6 < man["params"] < 140e6 and man["license"] == "Apache-2.0"
-    assert import_model("smollm2-135m", package_cache, out)["sha256"] == man["sha256"]  # converted once, reused
-    return out
 
 
 def test_imported_model_reloads_from_safetensors_and_answers(smollm2):
