@@ -67,7 +67,7 @@ class PretrainConfig(StageConfig):
     eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0: only at the end).")
     eval_tokens: int = Field(65_536, ge=1, description="Held-out tokens scored per evaluation (from the split's start).")
     downstream_every: int = Field(0, ge=0, description="In-loop downstream evaluation (OLMo): benchmark bpb and "
-                                  "acc_norm every N steps and at the end (0: off).")
+                                  "acc_norm every N steps and at the end (0: off; single-process runs: torchrun runs skip it).")
     downstream_tasks: tuple[str, ...] = Field(("hellaswag", "arc_easy", "piqa"),
                                               description="Benchmarks of the in-loop downstream evaluation.")
     downstream_items: int = Field(100, ge=1, description="Items per benchmark in the in-loop evaluation (a fixed "

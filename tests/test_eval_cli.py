@@ -4,7 +4,6 @@ in the documented shape, MLflow metrics/artifacts/datasets and a Prefect artifac
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.stages._policy import make_policy
-from tests.test_cli import _free_port
+from tests.test_cli import _free_port, env  # noqa: F401  (env: its own $HERD_HOME and servers, per module)
 
 ROOT = Path(__file__).resolve().parents[1]
 HERD = [sys.executable, "-m", "herd.cli"]
@@ -21,16 +20,6 @@ TEXTS = [f"The {a} sat on the {b} and looked at the {c}." for a in ("cat", "dog"
          for c in ("moon", "sun")]
 METRICS = {"hellaswag": {"acc", "acc_norm", "bpb", "centered_acc"}, "arc_easy": {"acc", "acc_norm", "bpb", "centered_acc"},
            "lambada": {"acc", "bpb"}}
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, package_cache):
-    home = tmp_path_factory.mktemp("eval-home")
-    (home / "cache").symlink_to(package_cache, target_is_directory=True)
-    e = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME")}
-    e.update(HERD_HOME=str(home), HERD_PREFECT_PORT=str(_free_port()), HERD_MLFLOW_PORT=str(_free_port()))
-    yield e
-    subprocess.run([*HERD, "down"], env=e, cwd=ROOT, timeout=60)
 
 
 @pytest.fixture(scope="module")
