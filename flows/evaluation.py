@@ -50,7 +50,7 @@ def resolve_model(model: str) -> tuple[str, str]:
 
 @flow(name="benchmarks")
 def benchmarks_flow(model: str, config: HarnessConfig = HarnessConfig(), output: str | None = None,
-                    parent_run_id: str | None = None) -> dict:
+                    tokenizer: str | None = None, parent_run_id: str | None = None) -> dict:
     """Score a model on standard benchmarks (HellaSwag, ARC, PIQA, Winogrande, BoolQ, OpenBookQA, CommonsenseQA,
     Social IQa, MMLU, LAMBADA, GSM8K, HumanEval) and log the results to MLflow.
 
@@ -59,12 +59,14 @@ def benchmarks_flow(model: str, config: HarnessConfig = HarnessConfig(), output:
             `models:/policy@champion`).
         config: Tasks (`core`, `chat`, `all` or names), items per task, shots, chat template, device.
         output: Folder to copy `results.json` (and per-item samples) into.
+        tokenizer: The tokenizer's folder, when the model folder has none (herd's pretrained base models).
         parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
     """
     s = load_settings()
     folder, name = resolve_model(model)
     with parent_run("benchmarks", config, parent_run_id) as run_id:
-        res = benchmark_task(config, folder, "model", str(s.store), str(s.cache), run_id, model_name=name)
+        res = benchmark_task(config, folder, "model", str(s.store), str(s.cache), run_id, model_name=name,
+                             tokenizer=tokenizer)
         report("benchmarks", {})
     if output:
         res["results_file"] = str(export_results(res, output))

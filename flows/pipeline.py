@@ -38,8 +38,9 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
         dt, clock["t"] = now - clock["t"], now
         return dt
 
-    def bench(model_dir: str, label: str, run_id: str) -> dict:
-        res = benchmark_task(config.benchmarks, model_dir, label, str(s.store), str(s.cache), run_id)
+    def bench(model_dir: str, label: str, run_id: str, tokenizer: str | None = None) -> dict:
+        res = benchmark_task(config.benchmarks, model_dir, label, str(s.store), str(s.cache), run_id,
+                             tokenizer=tokenizer)
         report(f"benchmarks-{label}", {})
         return res["tasks"]
 
@@ -62,7 +63,7 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
         params = model.get("total_params") or model["num_params"]
         stages = [{"stage": "base", "model_dir": model["model_dir"], "params": params, "tokens": model["tokens"],
                    "heldout_loss": model["heldout_loss"], "wall_s": lap(),
-                   "benchmarks": bench(model["model_dir"], "base", run_id)}]
+                   "benchmarks": bench(model["model_dir"], "base", run_id, tok["tokenizer"]["path"])}]
         tuned = sft_flow(config.sft, model["model_dir"], tok["tokenizer"]["path"], parent_run_id=run_id)
         stages.append({"stage": "sft", "model_dir": tuned["model_dir"], "params": params,
                        "tokens": _sft_tokens(tuned), "heldout_loss": tuned["heldout_loss"], "wall_s": lap(),

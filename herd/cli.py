@@ -503,6 +503,8 @@ def eval_cmd(model: str = typer.Option(..., "--model", help="a Hugging Face Llam
                                                  "(default: 0; GSM8K's prompt holds its own 8)"),
              chat_template: str = typer.Option("auto", "--chat-template", help="auto | on | off (generative tasks)"),
              device: str = typer.Option("auto", help="auto | cpu | cuda"),
+             tokenizer: Optional[Path] = typer.Option(None, help="the tokenizer's folder, when the model folder has "
+                                                      "none (herd's pretrained models: $HERD_HOME/tokenizer/...)"),
              output: Optional[Path] = typer.Option(None, help="folder for results.json and per-item samples")
              ) -> None:
     """Score a model on standard benchmarks (log-likelihood multiple choice, GSM8K, HumanEval in a sandbox);
@@ -523,6 +525,10 @@ def eval_cmd(model: str = typer.Option(..., "--model", help="a Hugging Face Llam
                 raise HerdError(f"--model: {model} is not a folder; give a Hugging Face Llama folder (config.json, "
                                 "*.safetensors, tokenizer) or models:/NAME@ALIAS")
             require_safetensors(model)
+            tok_dir = tokenizer or Path(model)
+            if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer.model").is_file():
+                raise HerdError(f"--tokenizer: no tokenizer in {tok_dir} (tokenizer.json); herd's pretrained models keep "
+                                "theirs apart: add --tokenizer $HERD_HOME/tokenizer/<preset>")
         from stages.evaluation.benchmarks import fetch_benchmarks
 
         fetch_benchmarks(load_settings().cache)  # the benchmark files, checked against their pinned digests
@@ -535,7 +541,8 @@ def eval_cmd(model: str = typer.Option(..., "--model", help="a Hugging Face Llam
     from flows.evaluation import benchmarks_flow
     from stages.evaluation.run import results_table
 
-    res = _run(1, "eval", lambda: benchmarks_flow(model, cfg, str(output.resolve()) if output else None))
+    res = _run(1, "eval", lambda: benchmarks_flow(model, cfg, str(output.resolve()) if output else None,
+                                                  str(tokenizer.resolve()) if tokenizer else None))
     rows = results_table(res)
     cols = ["task", "n", "shots"] + sorted({k for r in rows for k in r} - {"task", "n", "shots"})
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}

@@ -35,12 +35,13 @@ def benchmark_metrics(results: dict) -> dict[str, float]:
 
 @task(task_run_name="benchmarks-{label}")
 def benchmark_task(cfg: HarnessConfig, model_dir: str, label: str, store: str, cache: str,
-                   parent_run_id: str | None, model_name: str | None = None) -> dict:
-    """Score ``model_dir`` (the stage ``label``: base, sft, rlhf-v1, ...) on ``cfg.tasks``."""
+                   parent_run_id: str | None, model_name: str | None = None, tokenizer: str | None = None) -> dict:
+    """Score ``model_dir`` (the stage ``label``: base, sft, rlhf-v1, ...) on ``cfg.tasks``; ``tokenizer`` is the
+    tokenizer's folder when the model folder has none."""
     with stage_run(f"benchmarks/{label}", cfg, parent_run_id, tags={"herd.eval.stage": label,
                                                                   "herd.model_dir": model_dir}) as rid:
         res = run_benchmarks(cfg, model_dir, cache, store, model_name=model_name or model_dir,
-                             progress=lambda t, d, n: report_items(f"{label} {t}", d, n))
+                             progress=lambda t, d, n: report_items(f"{label} {t}", d, n), tokenizer_dir=tokenizer)
         log_dataset(f"model-{label}", model_dir, _digest(model_dir), "input")
         for name, src in res.get("benchmarks", {}).items():
             log_dataset(f"benchmark-{name}", src["uri"], src.get("items_sha256") or src.get("sha256", ""), "eval",

@@ -453,12 +453,13 @@ def fewshot_prefixes(task, items: Sequence[Any], shots: int, seed: int) -> list[
 
 
 def evaluate_model(cfg: HarnessConfig, model_dir: str | Path, tasks: Sequence[Any], *, model_name: str | None = None,
-                   progress: Progress = _no_progress, run_programs: Callable[[list[str]], list[bool]] | None = None
-                   ) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+                   progress: Progress = _no_progress, run_programs: Callable[[list[str]], list[bool]] | None = None,
+                   tokenizer_dir: str | Path | None = None) -> tuple[dict[str, Any], dict[str, list[dict]]]:
     """Score the model in ``model_dir`` on ``tasks`` (``stages.evaluation.benchmarks.Task``).
 
     Returns ``results`` (the ``results.json`` shape, plus ``timing``) and the per-item records by task.
-    ``run_programs`` runs HumanEval programs (the sandbox) and says which passed.
+    ``run_programs`` runs HumanEval programs (the sandbox) and says which passed. ``tokenizer_dir`` is the
+    tokenizer's folder when the model folder has none (herd's pretrained base models keep theirs apart).
     """
     from transformers import AutoTokenizer
 
@@ -466,7 +467,7 @@ def evaluate_model(cfg: HarnessConfig, model_dir: str | Path, tasks: Sequence[An
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir), local_files_only=True)
     model = load_causal_lm(model_dir).to(device=device, dtype=dtype).eval()
     model.config.use_cache = True
     max_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)

@@ -34,7 +34,8 @@ def eval_key(cfg: HarnessConfig, model_digest: str, bench_digest: str) -> str:
 
 
 def run_benchmarks(cfg: HarnessConfig, model_dir: str | Path, cache_dir: str | Path, store: str | Path, *,
-                   model_name: str | None = None, progress: Progress = _no_progress) -> dict[str, Any]:
+                   model_name: str | None = None, progress: Progress = _no_progress,
+                   tokenizer_dir: str | Path | None = None) -> dict[str, Any]:
     """Score ``model_dir`` on ``cfg.tasks``; returns ``results`` with ``"output"`` (the folder) added.
 
     A folder with a complete manifest for the same key is returned as it is (reruns are free)."""
@@ -47,11 +48,15 @@ def run_benchmarks(cfg: HarnessConfig, model_dir: str | Path, cache_dir: str | P
         raise ConfigError(f"model: {model_dir} is not a folder; give a Hugging Face Llama folder (config.json, "
                           "*.safetensors, tokenizer) or models:/NAME@ALIAS")
     require_safetensors(model_dir)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else model_dir
+    if not any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ConfigError(f"tokenizer: no tokenizer files in {tok_dir} (tokenizer.json); name the tokenizer's folder "
+                          "(herd eval --tokenizer DIR; herd's pretrained models keep it in $HERD_HOME/tokenizer/...)")
     names = resolve_tasks(cfg.tasks)
     manifest = fetch_benchmarks(Path(cache_dir))
     bench_digest = config_hash({n: manifest["tasks"][n].get("items_sha256") for n in names
                                 if n in manifest.get("tasks", {})}, manifest.get("packages"))
-    model_digest = tree_sha256(model_dir, "*.safetensors")
+    model_digest = config_hash(tree_sha256(model_dir, "*.safetensors"), tree_sha256(tok_dir, "tokenizer*"))
     out = Path(store) / "eval" / eval_key(cfg, model_digest, bench_digest)
     done = read_manifest(out)
     if done is not None and (out / RESULTS).is_file():
@@ -61,7 +66,7 @@ def run_benchmarks(cfg: HarnessConfig, model_dir: str | Path, cache_dir: str | P
     tasks = [load_task(n, Path(cache_dir)) for n in names]
     t0 = time.perf_counter()
     results, records = evaluate_model(cfg, model_dir, tasks, model_name=model_name or str(model_dir),
-                                      progress=progress, run_programs=_sandboxed)
+                                      progress=progress, run_programs=_sandboxed, tokenizer_dir=tok_dir)
     results["benchmarks"] = {t.name: {**t.source, "uri": str(item_file(t.name, Path(cache_dir)))} for t in tasks}
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / RESULTS, results)
@@ -70,7 +75,8 @@ def run_benchmarks(cfg: HarnessConfig, model_dir: str | Path, cache_dir: str | P
             with gzip.open(tmp / "samples" / f"{name}.jsonl.gz", "wt", encoding="utf-8") as fh:
                 for r in recs:
                     fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        write_json_atomic(tmp / MANIFEST, {"model_dir": str(model_dir), "model_digest": model_digest,
+        write_json_atomic(tmp / MANIFEST, {"model_dir": str(model_dir), "tokenizer_dir": str(tok_dir),
+                                           "model_digest": model_digest,
                                            "benchmarks_digest": bench_digest, "tasks": names,
                                            "seconds": time.perf_counter() - t0})
     return results | {"output": str(out), "cached": False}

@@ -86,3 +86,17 @@ def test_pretraining_logs_downstream_bpb_curves_next_to_the_loss(chain) -> None:
         assert len(steps) >= 2 and all(s % train.downstream_every == 0 for s in steps[:-1]), (task, steps)
         assert all(0 < m.value < 50 for m in hist)
     assert client.get_metric_history(run.info.run_id, "downstream/hellaswag/acc_norm")
+
+
+def test_the_pretrained_model_is_scored_with_its_separate_tokenizer(chain) -> None:
+    """herd's base models keep their tokenizer apart: the pipeline's benchmarks name it."""
+    from stages.errors import ConfigError
+    from stages.evaluation.harness import HarnessConfig
+    from tasks.evaluation import benchmark_task
+
+    home, model, tok = chain["home"], chain["model"]["model_dir"], chain["tok"]["tokenizer"]["path"]
+    cfg = HarnessConfig(tasks="piqa,lambada", limit=4)
+    res = benchmark_task.fn(cfg, model, "base", str(home / "store"), str(home / "cache"), None, tokenizer=tok)
+    assert set(res["tasks"]) == {"piqa", "lambada"} and res["tasks"]["piqa"]["metrics"]["bpb"] > 0
+    with pytest.raises(ConfigError, match="tokenizer"):
+        benchmark_task.fn(cfg, model, "base", str(home / "store"), str(home / "cache"), None)
