@@ -141,7 +141,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     cont = report.get("contamination") or {}
     if cont:
         lines += ["", "## Decontamination of the training corpus", ""]
-        ckeys = sorted({k for v in cont.values() if isinstance(v, dict) for k in v})
+        ckeys = sorted({k for v in cont.values() if isinstance(v, dict) for k, x in v.items()
+                        if isinstance(x, (int, float)) and k != "items"})  # counts; item ids stay in report.json
         lines.append("| benchmark | " + " | ".join(ckeys) + " |")
         lines.append("|" + "---|" * (len(ckeys) + 1))
         for b, v in cont.items():
