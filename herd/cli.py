@@ -457,6 +457,7 @@ def report_cmd(run: Optional[str] = typer.Option(None, "--run", help="MLflow run
     """Print the report card of the latest (or a given) pipeline run: benchmarks, held-out loss, judge win rate,
     violation and false-refusal rates per stage (base, SFT, RLHF-V1..V5)."""
     settings = _setup(start_servers=False)
+    from stages.errors import HerdError
     from stages.evaluation.report import render_markdown
 
     report = None
@@ -481,15 +482,11 @@ def report_cmd(run: Optional[str] = typer.Option(None, "--run", help="MLflow run
                 run = next((r.info.run_id for r in runs
                             if any(a.path == "report.json" for a in client.list_artifacts(r.info.run_id))), None)
                 if run is None:
-                    _fail(HerdErrorLine("no pipeline run with a report card yet: run `make demo` (or `herd demo`)"))
+                    _fail(HerdError("no pipeline run with a report card yet: run `make demo` (or `herd demo`)"))
             report = mlflow.artifacts.load_dict(f"runs:/{run}/report.json")
         except mlflow.exceptions.MlflowException as exc:
-            _fail(HerdErrorLine(f"--run {run}: no report card ({str(exc).splitlines()[0]})"))
+            _fail(HerdError(f"--run {run}: no report card ({str(exc).splitlines()[0]})"))
     typer.echo(json.dumps(report, indent=2) if as_json else render_markdown(report))
-
-
-class HerdErrorLine(Exception):
-    """A one-line error for ``_fail``."""
 
 
 @app.command("eval")
