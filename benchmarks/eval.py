@@ -1,6 +1,7 @@
-"""Benchmark scoring speed: herd's scorer (``stages.evaluation.harness.evaluate_model``: each item's context run
-once, its KV cache reused for every choice) against lm-eval-harness (``HFLM``, every ``context + continuation`` run
-in full) on the same model, items, dtype and threads, side by side, with the score differences. Goal: herd at
+"""Benchmark scoring speed: herd's scorer (``stages.evaluation.harness.evaluate_model``: each item packed into one
+row, its context once and its choices' tokens as a trie, the LM head only where a token is scored) against
+lm-eval-harness (``HFLM``, every ``context + continuation`` run in full) on the same model, items, dtype and
+threads, side by side, with the score differences. Goal: herd at
 least 2x lm-eval's items/s with acc/acc_norm equal within 0.5 points.
 
     .venv/bin/python benchmarks/eval.py [--model DIR] [--tasks hellaswag,arc_easy,piqa] [--limit 200]

@@ -4,11 +4,13 @@ Multiple choice (``MCItem``) is scored by the log-likelihood of each choice's co
 context. Requests are tokenised as lm-eval-harness does (trailing spaces of the context move to the
 continuation; the continuation's tokens are those of ``context + continuation`` after the context's
 tokens), so both see the same token sequences. Unlike the harness, which runs every ``context +
-continuation`` in full, the context of an item is run once and its KV cache reused for every choice:
-items are grouped by context, contexts are left-padded and run in a batch (only the last position's
-logits are computed), the cache rows are repeated once per choice, and the continuations of the chunk run
-in further batched forwards, longest first, in runs of similar length (so a short continuation is not
-padded to the chunk's longest). Chunks are sorted by context length and sized by a token budget.
+continuation`` in full and applies the LM head at every position, each item's context runs once: an item
+(the choices sharing a context) is packed into one row, its context followed by the trie of its choices'
+tokens (a prefix several choices share runs once), each token at the position it would have in its own
+sequence and attending only to the context and its own prefix, so every log-likelihood is exactly that of
+the full sequence. Rows are sorted by length and cut into batches that minimise padding plus a per-forward
+cost, within a token budget. The LM head runs only where a token is scored: the context's last position
+(once, for every choice's first token) and the trie's tokens.
 
 Metrics per task (``results.json``, the contract other tools read)::
 
@@ -137,14 +139,72 @@ class _Group:
     conts: list[tuple[int, list[int]]]  # (choice index, tokens)
 
 
+@dataclass
+class _Segment:
+    """A group laid out for a packed row: its context, then the trie of its continuations' tokens (every choice's
+    tokens but the last; a prefix shared by several choices runs once), each trie token at the position it would
+    have in its own ``context + continuation`` sequence and seeing only the context and its own prefix.
+
+    A trie token sees another exactly when that one is its ancestor or itself: when its depth-first number
+    ``lo`` lies within the other's subtree, ``[lo, hi]`` (so a mask is a per-token predicate, for every
+    attention kernel)."""
+
+    item: int
+    n_ctx: int
+    tokens: list[int]
+    pos: list[int]
+    lo: list[int]  # per trie token (after the context): its depth-first number, and the last in its subtree
+    hi: list[int]
+    scored: list[tuple[int, list[int], list[int]]]  # (choice, index predicting each token, the tokens)
+
+    @classmethod
+    def of(cls, g: _Group) -> _Segment:
+        n = len(g.ctx)
+        tokens, pos = list(g.ctx), list(range(n))
+        children: list[list[int]] = [[]]  # per trie node (0: the context), its children's indices into tokens
+        nodes: dict[tuple[int, ...], int] = {}
+        scored = []
+        for c, t in g.conts:
+            q = [n - 1]  # the context's last position predicts every choice's first token
+            parent = 0
+            for j in range(len(t) - 1):
+                key = tuple(t[:j + 1])
+                k = nodes.get(key)
+                if k is None:
+                    k = nodes[key] = len(tokens)
+                    tokens.append(t[j])
+                    pos.append(n + j)
+                    children[parent].append(k)
+                    children.append([])
+                q.append(k)
+                parent = k - n + 1
+            scored.append((c, q, list(t)))
+        lo, hi = [0] * (len(tokens) - n), [0] * (len(tokens) - n)
+        counter = 0
+        stack = [(k, False) for k in reversed(children[0])]
+        while stack:  # iterative depth-first numbering
+            k, leaving = stack.pop()
+            if leaving:
+                hi[k - n] = counter - 1
+                continue
+            lo[k - n] = counter
+            counter += 1
+            stack.append((k, True))
+            stack.extend((ch, False) for ch in reversed(children[k - n + 1]))
+        return cls(g.item, n, tokens, pos, lo, hi, scored)
+
+
 @torch.no_grad()
 def choice_loglikelihoods(model, tok, items: Sequence[MCItem], prefixes: Sequence[str], *, batch_tokens: int,
                           max_length: int, device: torch.device, progress: Callable[[int], None] | None = None
                           ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per item: the summed log-likelihood of each choice's continuation, and whether each continuation is
-    the model's greedy output (every token the argmax)."""
+    the model's greedy output (every token the argmax; checked only where an item asks, ``greedy_check``: False
+    elsewhere)."""
     bos = bos_prefix(tok)
+    check_greedy = any(it.greedy_check for it in items)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    empty_ctx = [tok.eos_token_id if tok.eos_token_id is not None else pad]  # the harness' context for ""
     groups: list[_Group] = []
     for i, (item, pre) in enumerate(zip(items, prefixes)):
         by_ctx: dict[str, _Group] = {}
@@ -155,7 +215,7 @@ def choice_loglikelihoods(model, tok, items: Sequence[MCItem], prefixes: Sequenc
             key = " ".join(map(str, ctx_ids))
             g = by_ctx.get(key)
             if g is None:
-                g = by_ctx[key] = _Group(i, ctx_ids, [])
+                g = by_ctx[key] = _Group(i, ctx_ids or list(empty_ctx), [])
                 groups.append(g)
             g.conts.append((c, cont_ids))
     for g in groups:  # left-truncate contexts that would not fit with their longest continuation
@@ -163,50 +223,35 @@ def choice_loglikelihoods(model, tok, items: Sequence[MCItem], prefixes: Sequenc
         keep = max(1, max_length - longest)
         if len(g.ctx) > keep:
             g.ctx = g.ctx[-keep:]
+    segments = [_Segment.of(g) for g in groups]
     lls = [np.zeros(it.n_choices) for it in items]
     greedy = [np.zeros(it.n_choices, dtype=bool) for it in items]
-    # by context length: a chunk's contexts pad little; its continuations are re-sorted in _score_chunk
-    order = sorted(range(len(groups)), key=lambda k: (-len(groups[k].ctx), -max(len(t) for _, t in groups[k].conts)))
+    order = sorted(range(len(segments)), key=lambda k: -len(segments[k].tokens))
+    batches = _length_batches([len(segments[k].tokens) for k in order], _RUN_OVERHEAD.get(device.type, 64),
+                              batch_tokens)
     done_items: set[int] = set()
-    pos = 0
-    while pos < len(order):
-        # grow the chunk while rows x (context + continuation width) stays within the budget
-        chunk = [order[pos]]
-        g0 = groups[order[pos]]
-        width = len(g0.ctx) + max(len(t) for _, t in g0.conts)
-        rows = len(g0.conts)
-        while pos + len(chunk) < len(order):
-            nxt = groups[order[pos + len(chunk)]]
-            w = max(width, len(nxt.ctx) + max(len(t) for _, t in nxt.conts))
-            if (rows + len(nxt.conts)) * w > batch_tokens:
-                break
-            rows += len(nxt.conts)
-            width = w
-            chunk.append(order[pos + len(chunk)])
-        pos += len(chunk)
-        _score_chunk(model, [groups[k] for k in chunk], lls, greedy, pad, device)
+    for batch in batches:
+        rows = [[segments[order[j]]] for j in batch]
+        _score_rows(model, rows, lls, greedy, pad, device, check_greedy)
         if progress is not None:
-            new = {groups[k].item for k in chunk} - done_items
+            new = {s.item for row in rows for s in row} - done_items
             done_items |= new
             progress(len(new))
     return lls, greedy
 
 
-def _cache_kwarg(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 # a forward's fixed cost in tokens' worth of compute: cpu measured (SmolLM2-135M, 2 threads: ~0.1 s a forward at
 # ~600 tokens/s); cuda an estimate (a small batch costs about what a full one does)
 _RUN_OVERHEAD = {"cpu": 64, "cuda": 1024}
+# scored positions per LM-head piece: bounds the (positions, vocabulary) logits held at once
+_HEAD_ROWS = 1024
 
 
-def _length_batches(lengths: Sequence[int], overhead: int) -> list[list[int]]:
+def _length_batches(lengths: Sequence[int], overhead: int, max_tokens: int | None = None) -> list[list[int]]:
     """Positions of ``lengths`` (sorted longest first) cut into consecutive runs, each padded to its first (longest)
     length, minimising ``sum(overhead + rows * longest)`` over the runs: few long runs where lengths are alike, a
-    new run where padding would cost more than another forward. Exact (dynamic programming over the cut points)."""
+    new run where padding would cost more than another forward. A run holds at most ``max_tokens`` padded tokens
+    (or one row). Exact (dynamic programming over the cut points)."""
     n = len(lengths)
     if n == 0:
         return []
@@ -214,7 +259,10 @@ def _length_batches(lengths: Sequence[int], overhead: int) -> list[list[int]]:
     best = np.zeros(n + 1)
     start = np.zeros(n + 1, dtype=np.int64)
     for j in range(1, n + 1):  # best[j]: rows 0..j-1; the last run is i..j-1, padded to lens[i]
-        costs = best[:j] + overhead + (j - np.arange(j)) * lens[:j]
+        rows = j - np.arange(j)
+        costs = best[:j] + overhead + rows * lens[:j]
+        if max_tokens is not None:
+            costs[(rows > 1) & (rows * lens[:j] > max_tokens)] = np.inf
         start[j] = int(np.argmin(costs))
         best[j] = costs[start[j]]
     runs: list[list[int]] = []
@@ -225,60 +273,90 @@ def _length_batches(lengths: Sequence[int], overhead: int) -> list[list[int]]:
     return runs[::-1]
 
 
-def _score_chunk(model, chunk: list[_Group], lls: list[np.ndarray], greedy: list[np.ndarray], pad: int,
-                 device: torch.device) -> None:
-    """One chunk: its contexts in one left-padded forward (only the last position's logits are computed), then the
-    continuations' remaining tokens, longest first, in runs of similar length (``_length_batches``), each on a copy
-    of its rows of the contexts' KV cache (a run is padded to its own longest continuation, not the chunk's)."""
-    import copy
+def _attention(seg: torch.Tensor, ctx: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, impl: str,
+               dtype: torch.dtype):
+    """The (B, 1, T, T) mask of packed rows from per-token ``seg`` (segment; every padding token its own), ``ctx``
+    (a context token), ``lo``/``hi`` (trie numbering): a query sees earlier keys of its segment that are context or
+    its trie ancestors. Additive (0 / dtype min) for sdpa and eager, a ``BlockMask`` for flex_attention."""
+    b, t = seg.shape
+    if impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
 
-    G = len(chunk)
-    W = max(len(g.ctx) for g in chunk)
-    ctx = torch.full((G, W), pad, dtype=torch.long)
-    ctx_mask = torch.zeros((G, W), dtype=torch.long)
-    for r, g in enumerate(chunk):
-        ctx[r, W - len(g.ctx):] = torch.tensor(g.ctx)
-        ctx_mask[r, W - len(g.ctx):] = 1
-    ctx, ctx_mask = ctx.to(device), ctx_mask.to(device)
-    ctx_pos = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ctx, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True, logits_to_keep=1)
-    last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (G, V): predicts each continuation's first token
-    rows = [(r, c, t) for r, g in enumerate(chunk) for c, t in g.conts]
-    first = torch.tensor([t[0] for _, _, t in rows], device=device)
-    src = torch.tensor([r for r, _, _ in rows], device=device)
-    sums = last[src, first].double().cpu().numpy()
-    hits = (last[src].argmax(-1) == first).cpu().numpy()
-    rest = sorted((k for k in range(len(rows)) if len(rows[k][2]) > 1), key=lambda k: -len(rows[k][2]))
-    runs = _length_batches([len(rows[k][2]) - 1 for k in rest], _RUN_OVERHEAD.get(device.type, 64))
-    cache = out["cache"] if "cache" in out else out["past_key_values"]  # transformers >= 5.2 renamed it
-    for n_run, run in enumerate(runs):
-        ks = [rest[j] for j in run]
-        sub = cache if n_run == len(runs) - 1 else copy.deepcopy(cache)
-        sub.batch_select_indices(src[ks])
-        R, C = len(ks), len(rows[ks[0]][2]) - 1
-        inp = torch.full((R, C), pad, dtype=torch.long)
-        tgt = torch.zeros((R, C), dtype=torch.long)
-        cmask = torch.zeros((R, C), dtype=torch.long)
-        for i, k in enumerate(ks):
-            t = rows[k][2]
-            inp[i, :len(t) - 1] = torch.tensor(t[:-1])
-            tgt[i, :len(t) - 1] = torch.tensor(t[1:])
-            cmask[i, :len(t) - 1] = 1
-        inp, tgt, cmask = inp.to(device), tgt.to(device), cmask.to(device)
-        rmask = ctx_mask[src[ks]]
-        full_mask = torch.cat([rmask, torch.ones_like(cmask)], dim=1)  # padding at the end is never read
-        pos = rmask.sum(-1, keepdim=True) + torch.arange(C, device=device).unsqueeze(0)
-        logits = model(input_ids=inp, attention_mask=full_mask, position_ids=pos, use_cache=True,
-                       **{_cache_kwarg(model): sub}).logits.float()
-        # log p(target) = logit - logsumexp, without materialising the (R, C, V) log-softmax
-        lp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        hit = (logits.argmax(-1) == tgt) | ~cmask.bool()
-        sums[ks] += (lp * cmask).sum(-1).double().cpu().numpy()
-        hits[ks] &= hit.all(-1).cpu().numpy()
-    for k, (r, c, _) in enumerate(rows):
-        it = chunk[r].item
+        def sees(bi, h, q, k):
+            return ((seg[bi, k] == seg[bi, q]) & (k <= q)
+                    & (ctx[bi, k] | ((lo[bi, k] <= lo[bi, q]) & (lo[bi, q] <= hi[bi, k]))))
+
+        return create_block_mask(sees, B=b, H=None, Q_LEN=t, KV_LEN=t, device=seg.device)
+    q_, k_ = (slice(None), slice(None), None), (slice(None), None, slice(None))
+    sees = ((seg[k_] == seg[q_]) & torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+            & (ctx[k_] | ((lo[k_] <= lo[q_]) & (lo[q_] <= hi[k_]))))[:, None]
+    # additive for sdpa too: its CPU kernel runs a float mask ~5% faster than a bool one
+    return torch.zeros(sees.shape, dtype=dtype, device=seg.device).masked_fill(~sees, torch.finfo(dtype).min)
+
+
+def _score_rows(model, rows: list[list[_Segment]], lls: list[np.ndarray], greedy: list[np.ndarray], pad: int,
+                device: torch.device, check_greedy: bool) -> None:
+    """One forward over a batch of packed rows; the LM head runs only at the scored positions (the context's last
+    position once for every choice's first token, and each trie token once for every choice it starts). The
+    argmax (is each continuation the greedy output?) is taken only when ``check_greedy``."""
+    B, W = len(rows), max(sum(len(s.tokens) for s in row) for row in rows)
+    ids = np.full((B, W), pad, dtype=np.int64)
+    pos = np.zeros((B, W), dtype=np.int64)
+    seg = -1 - np.arange(B * W, dtype=np.int64).reshape(B, W)  # padding: a segment of its own (sees itself)
+    ctx = np.zeros((B, W), dtype=bool)
+    lo = np.zeros((B, W), dtype=np.int64)
+    hi = np.zeros((B, W), dtype=np.int64)
+    q_of: dict[int, int] = {}  # flat position (row * W + column) -> its index among the scored positions
+    pairs_q: list[int] = []  # per scored token: its position's index, its target, its continuation
+    pairs_t: list[int] = []
+    pairs_c: list[int] = []
+    conts: list[tuple[int, int]] = []  # (item, choice) per continuation
+    for r, row in enumerate(rows):
+        off = 0
+        for s in row:
+            S = len(s.tokens)
+            ids[r, off:off + S] = s.tokens
+            pos[r, off:off + S] = s.pos
+            seg[r, off:off + S] = off
+            ctx[r, off:off + s.n_ctx] = True
+            lo[r, off + s.n_ctx:off + S] = s.lo
+            hi[r, off + s.n_ctx:off + S] = s.hi
+            for c, qs, ts in s.scored:
+                ci = len(conts)
+                conts.append((s.item, c))
+                for q, t in zip(qs, ts):
+                    pairs_q.append(q_of.setdefault(r * W + off + q, len(q_of)))
+                    pairs_t.append(t)
+                    pairs_c.append(ci)
+            off += S
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    hidden = model.get_decoder()(input_ids=torch.from_numpy(ids).to(device),
+                                 attention_mask=_attention(*(torch.from_numpy(x).to(device) for x in (seg, ctx, lo, hi)),
+                                                           impl, model.dtype),
+                                 position_ids=torch.from_numpy(pos).to(device), use_cache=False).last_hidden_state
+    hidden = hidden.reshape(B * W, -1)
+    head = model.get_output_embeddings()
+    q_idx = torch.tensor(list(q_of), device=device)
+    by_q = np.argsort(np.asarray(pairs_q), kind="stable")  # a piece of q positions: a contiguous range of pairs
+    sorted_q = np.asarray(pairs_q)[by_q]
+    pq = torch.from_numpy(sorted_q).to(device)
+    pt = torch.tensor([pairs_t[k] for k in by_q], device=device)
+    pc = torch.tensor([pairs_c[k] for k in by_q], device=device)
+    lp = torch.empty(len(by_q), dtype=torch.float64, device=device)
+    hit = torch.zeros(len(by_q), dtype=torch.bool, device=device)
+    bounds = np.searchsorted(sorted_q, np.arange(0, len(q_of) + _HEAD_ROWS, _HEAD_ROWS))
+    for s, a in enumerate(range(0, len(q_of), _HEAD_ROWS)):
+        lo, hi = int(bounds[s]), int(bounds[s + 1])
+        logits = head(hidden[q_idx[a:a + _HEAD_ROWS]]).float()
+        rel, tgt = pq[lo:hi] - a, pt[lo:hi]
+        if check_greedy:
+            hit[lo:hi] = logits.argmax(-1)[rel] == tgt
+        lp[lo:hi] = torch.log_softmax(logits, dim=-1)[rel, tgt].double()
+    sums = torch.zeros(len(conts), dtype=torch.float64, device=device).index_add_(0, pc, lp).cpu().numpy()
+    misses = torch.zeros(len(conts), dtype=torch.long, device=device).index_add_(0, pc, (~hit).long()).cpu().numpy()
+    for k, (it, c) in enumerate(conts):
         lls[it][c] = sums[k]
-        greedy[it][c] = hits[k]
+        greedy[it][c] = misses[k] == 0
 
 
 # --------------------------------------------------------------------------------------------------- metrics

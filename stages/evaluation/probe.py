@@ -3,7 +3,7 @@
 Accuracy of a small model sits at chance for most of its training; the bits per byte of the gold answer move
 from the first steps, so the curve next to the loss says whether the model is learning what the benchmarks
 ask. The probe holds a fixed seeded sample of items per task, scores them zero-shot with the benchmark
-scorer (the same tokenisation and KV-cache reuse as ``herd eval``), and leaves the model as it found it.
+scorer (the same tokenisation and packed rows as ``herd eval``), and leaves the model as it found it.
 """
 
 from __future__ import annotations

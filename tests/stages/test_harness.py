@@ -1,5 +1,6 @@
-"""The benchmark scorer: KV-cache reuse gives exactly the log-likelihoods of full sequences, metrics are
-computed as lm-eval-harness computes them, generation stops where it should."""
+"""The benchmark scorer: packed rows (a context once, every choice in its own block) give exactly the
+log-likelihoods of full sequences, metrics are computed as lm-eval-harness computes them, generation stops
+where it should."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def test_kv_reuse_matches_full_sequences(tiny):
             for c in range(it.n_choices):
                 ref, hit = naive_ll(model, tok, "Prefix. " + it.contexts[c], it.continuations[c])
                 assert ll[c] == pytest.approx(ref, abs=1e-4), (it.id, c)
-                assert gr[c] == hit
+                assert gr[c] == (hit and it.greedy_check)  # checked only where asked
 
 
 def test_trailing_space_moves_to_the_continuation(tiny):
@@ -181,16 +182,29 @@ def test_downstream_probe_logs_bpb_and_restores_the_model(tiny):
     assert probe.due(10) and not probe.due(7)
 
 
-def test_continuations_split_into_length_runs_still_match_full_sequences(tiny, monkeypatch):
-    """With no per-forward cost every continuation length gets its own run (its own copy of the KV cache)."""
-    from stages.evaluation import harness
+def test_rows_are_batched_by_length_within_the_budget():
+    from stages.evaluation.harness import _length_batches
 
-    assert harness._length_batches([100, 10, 10, 10], 8) == [[0], [1, 2, 3]]
-    assert harness._length_batches([5, 5, 5], 1000) == [[0, 1, 2]]
-    monkeypatch.setattr(harness, "_RUN_OVERHEAD", {"cpu": 0})
+    assert _length_batches([100, 10, 10, 10], 8) == [[0], [1, 2, 3]]  # padding 10s to 100 costs more than a forward
+    assert _length_batches([5, 5, 5], 1000) == [[0, 1, 2]]
+    assert sorted(map(len, _length_batches([5, 5, 5], 1000, max_tokens=10))) == [1, 2]  # 2 rows x 5 fit in 10
+    assert _length_batches([300, 20], 1000, max_tokens=100) == [[0], [1]]  # wider than the budget: a row alone
+
+
+def test_shared_prefixes_and_packed_segments_match_full_sequences(tiny):
+    """Choices sharing leading tokens run them once (a trie); several items share a row; still exact."""
     model, tok, _ = tiny
-    lls, _ = choice_loglikelihoods(model, tok, ITEMS, [""] * len(ITEMS), batch_tokens=100_000, max_length=512,
-                                   device=torch.device("cpu"))
-    for it, ll in zip(ITEMS, lls):
-        for c in range(it.n_choices):
-            assert ll[c] == pytest.approx(naive_ll(model, tok, it.contexts[c], it.continuations[c])[0], abs=1e-4)
+    items = ITEMS + [
+        MCItem("p1", ("The fox",) * 3, (" sat on the mat.", " sat on the rug.", " sat on the"), 2),
+        MCItem("p2", ("It",) * 2, (" was calm.", " was calm. It was late."), 0, greedy_check=True),
+        # a branch added under an earlier choice's path after another branch: subtrees not contiguous in the row
+        MCItem("p3", ("The",) * 3, (" cat sat on the mat.", " cat looked at the sun.", " cat sat on a chair."), 0),
+    ]
+    for budget in (256, 100_000):
+        lls, greedy = choice_loglikelihoods(model, tok, items, [""] * len(items), batch_tokens=budget,
+                                            max_length=512, device=torch.device("cpu"))
+        for it, ll, gr in zip(items, lls, greedy):
+            for c in range(it.n_choices):
+                ref, hit = naive_ll(model, tok, it.contexts[c], it.continuations[c])
+                assert ll[c] == pytest.approx(ref, abs=1e-4), (it.id, c)
+                assert gr[c] == (hit and it.greedy_check)  # checked only where asked
