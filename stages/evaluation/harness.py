@@ -334,9 +334,8 @@ def _score_rows(model, rows: list[list[_Segment]], lls: list[np.ndarray], greedy
                     pairs_c.append(ci)
             off += S
     impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    hidden = model.get_decoder()(input_ids=torch.from_numpy(ids).to(device),
-                                 attention_mask=_attention(*(torch.from_numpy(x).to(device) for x in (seg, ctx, lo, hi)),
-                                                           impl, model.dtype),
+    mask = _attention(*(torch.from_numpy(x).to(device) for x in (seg, ctx, lo, hi)), impl, model.dtype)
+    hidden = model.get_decoder()(input_ids=torch.from_numpy(ids).to(device), attention_mask=mask,
                                  position_ids=torch.from_numpy(pos).to(device), use_cache=False).last_hidden_state
     hidden = hidden.reshape(B * W, -1)
     head = model.get_output_embeddings()

