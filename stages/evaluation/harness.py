@@ -33,6 +33,7 @@ scaled by ``1 / (1 - chance)``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -515,9 +516,33 @@ def humaneval_program(item: GenItem, completion: str, chat: bool) -> str:
 # --------------------------------------------------------------------------------------------------- a whole run
 
 
+def item_header(task, item: Any) -> str:
+    """The description an item's context starts with, which lm-eval puts before the few-shot examples rather than
+    before the question (MMLU's per-subject line); "" for other tasks."""
+    if getattr(task, "name", "") != "mmlu":
+        return ""
+    from stages.evaluation.benchmarks import mmlu_header
+
+    head = mmlu_header(item.id.split("/")[1])
+    return head if all(c.startswith(head) for c in item.contexts) else ""
+
+
+def header_first(task, items: Sequence[Any], shots: int) -> list[Any]:
+    """With few-shot examples, ``items`` with their header (``item_header``) taken off the context: the prefix
+    (``fewshot_prefixes``) carries it in front of the examples, as lm-eval lays out the prompt."""
+    if shots == 0:
+        return list(items)
+    out = []
+    for it in items:
+        n = len(item_header(task, it))
+        out.append(dataclasses.replace(it, contexts=tuple(c[n:] for c in it.contexts)) if n else it)
+    return out
+
+
 def fewshot_prefixes(task, items: Sequence[Any], shots: int, seed: int) -> list[str]:
     """The text in front of each item: the task's description and ``shots`` solved examples drawn (seeded per
-    item) from the task's few-shot pool, never the item itself."""
+    item) from the task's few-shot pool, never the item itself; with examples, an item's own header
+    (``item_header``: MMLU's subject line) comes first, and ``header_first`` takes it off the item."""
     head = f"{task.description}{task.fewshot_sep}" if task.description else ""
     if shots == 0:
         return [head] * len(items)
@@ -529,7 +554,7 @@ def fewshot_prefixes(task, items: Sequence[Any], shots: int, seed: int) -> list[
             raise ConfigError(f"shots: {task.name} has {len(pool)} few-shot examples, fewer than --shots {shots}")
         rng = random.Random(f"{seed}/{task.name}/{it.id}")
         cand = [ex for ex in rng.sample(pool, min(len(pool), shots + 1)) if ex.id != it.id][:shots]
-        out.append(head + "".join(ex.example() + task.fewshot_sep for ex in cand))
+        out.append(head + item_header(task, it) + "".join(ex.example() + task.fewshot_sep for ex in cand))
     return out
 
 
@@ -568,7 +593,8 @@ def evaluate_model(cfg: HarnessConfig, model_dir: str | Path, tasks: Sequence[An
         if task.kind == "mc":
             shots = 0 if cfg.shots is None else cfg.shots
             prefixes = fewshot_prefixes(task, items, shots, cfg.seed)
-            lls, greedy = choice_loglikelihoods(model, tok, items, prefixes, batch_tokens=cfg.batch_tokens,
+            lls, greedy = choice_loglikelihoods(model, tok, header_first(task, items, shots), prefixes,
+                                                batch_tokens=cfg.batch_tokens,
                                                 max_length=max_length, device=device, progress=tick)
             metrics, stderr, recs = mc_metrics(items, lls, greedy, task.chance, cfg.n_boot, cfg.seed)
             extra: dict[str, float] = {}

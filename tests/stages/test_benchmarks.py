@@ -74,6 +74,24 @@ def test_mmlu_subjects_dev_pool_and_header(tasks):
     assert not any("The following are" in ex.example() for ex in mmlu.fewshot)
 
 
+def test_mmlu_few_shot_prompt_puts_the_subject_line_first(tasks):
+    """lm-eval's layout: description, then the examples, then the question (not the examples, then the header)."""
+    from stages.evaluation.harness import fewshot_prefixes, header_first
+
+    mmlu = tasks["mmlu"]
+    first = mmlu.items[0]
+    (prefix,) = fewshot_prefixes(mmlu, [first], 2, 0)
+    (scored,) = header_first(mmlu, [first], 2)
+    prompt = prefix + scored.contexts[0]
+    head = "The following are questions (with answers) about abstract algebra.\n\n"
+    assert prompt.startswith(head + "Question: ") and prompt.count(head) == 1
+    assert prompt.endswith("\n\nQuestion: Find the degree for the given field extension Q(sqrt(2), sqrt(3), "
+                           "sqrt(18)) over Q.\nAnswer:") and prompt.count("\nAnswer:") == 3
+    assert header_first(mmlu, [first], 0) == [first] and fewshot_prefixes(mmlu, [first], 0, 0) == [""]
+    other = tasks["arc_easy"].items[0]
+    assert header_first(tasks["arc_easy"], [other], 2) == [other]
+
+
 def test_first_items_are_rendered_as_lm_eval_renders_them(tasks):
     hs = tasks["hellaswag"].items[0]
     assert hs.contexts[0] == "Roof shingle removal: A man is sitting on a roof. He" and hs.gold == 3
