@@ -236,10 +236,10 @@ def choice_loglikelihoods(model, tok, items: Sequence[MCItem], prefixes: Sequenc
                               batch_tokens)
     done_items: set[int] = set()
     for batch in batches:
-        rows = [[segments[order[j]]] for j in batch]
+        rows = [segments[order[j]] for j in batch]
         _score_rows(model, rows, lls, greedy, pad, device, check_greedy)
         if progress is not None:
-            new = {s.item for row in rows for s in row} - done_items
+            new = {s.item for s in rows} - done_items
             done_items |= new
             progress(len(new))
     return lls, greedy
@@ -280,9 +280,9 @@ def _length_batches(lengths: Sequence[int], overhead: int, max_tokens: int | Non
 
 def _attention(seg: torch.Tensor, ctx: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, impl: str,
                dtype: torch.dtype):
-    """The (B, 1, T, T) mask of packed rows from per-token ``seg`` (segment; every padding token its own), ``ctx``
-    (a context token), ``lo``/``hi`` (trie numbering): a query sees earlier keys of its segment that are context or
-    its trie ancestors. Additive (0 / dtype min) for sdpa and eager, a ``BlockMask`` for flex_attention."""
+    """The (B, 1, T, T) mask of packed rows from per-token ``seg`` (0 in a row's segment; every padding token its
+    own), ``ctx`` (a context token), ``lo``/``hi`` (trie numbering): a query sees earlier keys of its segment that
+    are context or its trie ancestors. Additive (0 / dtype min) for sdpa and eager, a ``BlockMask`` for flex_attention."""
     b, t = seg.shape
     if impl == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
@@ -299,12 +299,12 @@ def _attention(seg: torch.Tensor, ctx: torch.Tensor, lo: torch.Tensor, hi: torch
     return torch.zeros(sees.shape, dtype=dtype, device=seg.device).masked_fill(~sees, torch.finfo(dtype).min)
 
 
-def _score_rows(model, rows: list[list[_Segment]], lls: list[np.ndarray], greedy: list[np.ndarray], pad: int,
+def _score_rows(model, rows: list[_Segment], lls: list[np.ndarray], greedy: list[np.ndarray], pad: int,
                 device: torch.device, check_greedy: bool) -> None:
-    """One forward over a batch of packed rows; the LM head runs only at the scored positions (the context's last
+    """One forward over a batch of packed rows (a segment each, padded at the end); the LM head runs only at the scored positions (the context's last
     position once for every choice's first token, and each trie token once for every choice it starts). The
     argmax (is each continuation the greedy output?) is taken only when ``check_greedy``."""
-    B, W = len(rows), max(sum(len(s.tokens) for s in row) for row in rows)
+    B, W = len(rows), max(len(s.tokens) for s in rows)
     ids = np.full((B, W), pad, dtype=np.int64)
     pos = np.zeros((B, W), dtype=np.int64)
     seg = -1 - np.arange(B * W, dtype=np.int64).reshape(B, W)  # padding: a segment of its own (sees itself)
@@ -316,24 +316,21 @@ def _score_rows(model, rows: list[list[_Segment]], lls: list[np.ndarray], greedy
     pairs_t: list[int] = []
     pairs_c: list[int] = []
     conts: list[tuple[int, int]] = []  # (item, choice) per continuation
-    for r, row in enumerate(rows):
-        off = 0
-        for s in row:
-            S = len(s.tokens)
-            ids[r, off:off + S] = s.tokens
-            pos[r, off:off + S] = s.pos
-            seg[r, off:off + S] = off
-            ctx[r, off:off + s.n_ctx] = True
-            lo[r, off + s.n_ctx:off + S] = s.lo
-            hi[r, off + s.n_ctx:off + S] = s.hi
-            for c, qs, ts in s.scored:
-                ci = len(conts)
-                conts.append((s.item, c))
-                for q, t in zip(qs, ts):
-                    pairs_q.append(q_of.setdefault(r * W + off + q, len(q_of)))
-                    pairs_t.append(t)
-                    pairs_c.append(ci)
-            off += S
+    for r, s in enumerate(rows):
+        S = len(s.tokens)
+        ids[r, :S] = s.tokens
+        pos[r, :S] = s.pos
+        seg[r, :S] = 0
+        ctx[r, :s.n_ctx] = True
+        lo[r, s.n_ctx:S] = s.lo
+        hi[r, s.n_ctx:S] = s.hi
+        for c, qs, ts in s.scored:
+            ci = len(conts)
+            conts.append((s.item, c))
+            for q, t in zip(qs, ts):
+                pairs_q.append(q_of.setdefault(r * W + q, len(q_of)))
+                pairs_t.append(t)
+                pairs_c.append(ci)
     impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
     mask = _attention(*(torch.from_numpy(x).to(device) for x in (seg, ctx, lo, hi)), impl, model.dtype)
     hidden = model.get_decoder()(input_ids=torch.from_numpy(ids).to(device), attention_mask=mask,
@@ -349,13 +346,13 @@ def _score_rows(model, rows: list[list[_Segment]], lls: list[np.ndarray], greedy
     lp = torch.empty(len(by_q), dtype=torch.float64, device=device)
     hit = torch.zeros(len(by_q), dtype=torch.bool, device=device)
     bounds = np.searchsorted(sorted_q, np.arange(0, len(q_of) + _HEAD_ROWS, _HEAD_ROWS))
-    for s, a in enumerate(range(0, len(q_of), _HEAD_ROWS)):
-        lo, hi = int(bounds[s]), int(bounds[s + 1])
+    for piece, a in enumerate(range(0, len(q_of), _HEAD_ROWS)):
+        p0, p1 = int(bounds[piece]), int(bounds[piece + 1])  # the pairs scored at these positions
         logits = head(hidden[q_idx[a:a + _HEAD_ROWS]]).float()
-        rel, tgt = pq[lo:hi] - a, pt[lo:hi]
+        rel, tgt = pq[p0:p1] - a, pt[p0:p1]
         if check_greedy:
-            hit[lo:hi] = logits.argmax(-1)[rel] == tgt
-        lp[lo:hi] = torch.log_softmax(logits, dim=-1)[rel, tgt].double()
+            hit[p0:p1] = logits.argmax(-1)[rel] == tgt
+        lp[p0:p1] = torch.log_softmax(logits, dim=-1)[rel, tgt].double()
     sums = torch.zeros(len(conts), dtype=torch.float64, device=device).index_add_(0, pc, lp).cpu().numpy()
     misses = torch.zeros(len(conts), dtype=torch.long, device=device).index_add_(0, pc, (~hit).long()).cpu().numpy()
     for k, (it, c) in enumerate(conts):
