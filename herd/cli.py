@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -11,9 +12,44 @@ from typing import Optional
 import typer
 
 from herd.settings import apply_environment, load_settings
+from stages.errors import HerdError
 
-app = typer.Typer(help="herd: the Llama recipe as one orchestrated, reproducible pipeline.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+_VERBOSE = False
+
+
+class _HerdTyper(typer.Typer):
+    """Every :class:`HerdError` reaches the user as one line on stderr with exit code 2, whichever command raised
+    it (``-v`` adds the traceback); anything unexpected keeps its traceback and exit code 1."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except HerdError as exc:
+            if _VERBOSE:
+                import traceback
+
+                traceback.print_exc()
+            _echo_error(exc)
+            sys.exit(2)
+
+
+def _echo_error(exc: BaseException | str) -> None:
+    """One line: a message of several lines (a config's field errors) is joined with '; '."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()] or [type(exc).__name__]
+    text = lines[0] + (" " if lines[0].endswith(":") else "; ") + "; ".join(lines[1:]) if len(lines) > 1 else lines[0]
+    typer.secho(f"error: {text}", fg=typer.colors.RED, err=True)
+
+
+app = _HerdTyper(help="herd: the Llama recipe as one orchestrated, reproducible pipeline.", no_args_is_help=True,
+                 pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show library logs on the console and "
+                                       "tracebacks of herd's errors")) -> None:
+    """herd: the Llama recipe as one orchestrated, reproducible pipeline."""
+    global _VERBOSE
+    _VERBOSE = verbose
 data_app = typer.Typer(help="Demo corpus from public packages.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 tok_app = typer.Typer(help="Byte-level BPE tokenizer.", no_args_is_help=True)
@@ -34,8 +70,20 @@ PRESET_HELP = "config preset: smoke (seconds), tiny (the demo default)"
 def _setup(start_servers: bool = True):
     settings = load_settings()
     apply_environment(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    # library logs go to $HERD_HOME/logs/herd.log; the console gets warnings without tracebacks, and not Prefect's
+    # run logs (a failed run reaches the user as herd's one-line error); -v: everything. (Prefect leaves a root
+    # logger with handlers of the user's alone.)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    (settings.home / "logs").mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(settings.home / "logs" / "herd.log")
+    to_file.setFormatter(logging.Formatter(fmt))
+    to_console = logging.StreamHandler(sys.stderr)
+    to_console.setFormatter(logging.Formatter(fmt) if _VERBOSE else _NoTraceback("%(levelname)s %(name)s: %(message)s"))
+    to_console.setLevel(logging.INFO if _VERBOSE else logging.WARNING)
+    if not _VERBOSE:
+        to_console.addFilter(lambda r: not r.name.startswith("prefect"))
+    logging.basicConfig(level=logging.INFO, handlers=[to_file, to_console], force=True)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for noisy in ("httpx", "httpcore", "urllib3", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if start_servers:
@@ -45,8 +93,24 @@ def _setup(start_servers: bool = True):
     return settings
 
 
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+class _NoTraceback(logging.Formatter):
+    """A console line per record: the message, never the traceback (that is in the log file)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _fail(exc: Exception | str) -> None:
+    if _VERBOSE and isinstance(exc, BaseException) and exc.__traceback__ is not None:
+        import traceback
+
+        traceback.print_exception(exc)
+    _echo_error(exc)
     raise typer.Exit(2)
 
 
@@ -99,21 +163,27 @@ def _run(total: int, desc: str, fn):
 
 @app.command()
 def up(timeout: float = typer.Option(180.0, help="seconds to wait for health")) -> None:
-    """Start the local Prefect and MLflow servers on loopback (SQLite under $HERD_HOME)."""
+    """Start the local Prefect and MLflow servers on loopback (SQLite under $HERD_HOME), register the deployments
+    (infra/prefect.yaml), and start a worker for the local work pool and the inbox watcher, all in the background."""
     from herd import servers
 
     settings = load_settings()
-    try:
-        st = servers.up(settings, timeout=timeout)
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    apply_environment(settings)
+    _print_status(servers.up(settings, timeout=timeout, background=True))
+    typer.echo(f"Prefect UI: {settings.prefect_api_url.removesuffix('/api')}   MLflow UI: {settings.mlflow_tracking_uri}"
+               f"   (logs: {settings.home / 'logs'}; stop all with: herd down)")
+
+
+def _print_status(st: dict) -> None:
     for name, info in st.items():
-        typer.echo(f"{name}: {info['url']} (pid {info['pid']}, healthy={info['healthy']})")
+        where = info.get("url") or info.get("what", "")
+        state = "healthy" if info["healthy"] else ("running, not healthy" if info["pid"] else "not running")
+        typer.echo(f"{name:<18} pid {str(info['pid'] or '-'):<8} {state:<21} {where}")
 
 
 @app.command()
 def down() -> None:
-    """Stop the servers `herd up` started."""
+    """Stop everything `herd up` started: the inbox watcher, the worker (and its flow runs), the two servers."""
     from herd import servers
 
     stopped = servers.down(load_settings())
@@ -121,12 +191,19 @@ def down() -> None:
 
 
 @app.command()
-def status() -> None:
-    """Show the embedded servers and where state lives."""
+def status(as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
+    """Each process herd runs for this $HERD_HOME (servers, worker, inbox watcher): pid and health; the ports."""
     from herd import servers
 
     settings = load_settings()
-    typer.echo(json.dumps({"home": str(settings.home), "servers": servers.status(settings)}, indent=2))
+    st = servers.status(settings)
+    if as_json:
+        typer.echo(json.dumps({"home": str(settings.home), "ports": {"prefect": settings.prefect_port,
+                                                                     "mlflow": settings.mlflow_port},
+                               "servers": st}, indent=2))
+        return
+    typer.echo(f"HERD_HOME {settings.home}; ports: prefect {settings.prefect_port}, mlflow {settings.mlflow_port}")
+    _print_status(st)
 
 
 @app.command("config")
@@ -326,6 +403,36 @@ def preferences_inbox(inbox: Optional[str] = typer.Option(None, help="folder or 
     typer.secho(f"{len(res['ingested'])} new file(s) in {res['inbox']}", err=True)
 
 
+@pref_app.command("watch")
+def preferences_watch(poll: float = typer.Option(5.0, "--poll", help="seconds between scans"),
+                      beat: Optional[Path] = typer.Option(None, "--beat", help="file touched after every scan "
+                                                          "(`herd status` reads its age)")) -> None:
+    """Watch $HERD_HOME/preferences/inbox and announce each new export as a Prefect event (starting the
+    alignment-round and preference-inbox deployments through their triggers) until stopped; `herd up` runs this
+    in the background."""
+    import signal
+    import time
+
+    settings = _setup(start_servers=False)
+    from herd.events import INBOX_EVENT, inbox_watcher
+
+    watcher = inbox_watcher(settings, poll)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    typer.echo(f"watching {watcher.inbox} every {poll:g} s: each new export emits {INBOX_EVENT}", err=True)
+    try:
+        while True:
+            try:
+                watcher.poll()
+            except Exception:  # noqa: BLE001  (a flaky filesystem or API must not end the watcher)
+                logging.getLogger("herd.events").exception("scanning %s failed; retrying", watcher.inbox)
+            if beat is not None:
+                beat.parent.mkdir(parents=True, exist_ok=True)
+                beat.touch()
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        typer.echo("inbox watcher stopped", err=True)
+
+
 @models_app.command("import")
 def models_import(name: str = typer.Argument("smollm2-135m", help="model to import (smollm2-135m)"),
                   output: Optional[Path] = typer.Option(None, help="folder (default: $HERD_HOME/models/NAME)")) -> None:
@@ -445,9 +552,15 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
     typer.echo(f"Report card: {res['report']['path']}/report.md (again: .venv/bin/herd report); every stage's numbers: "
                f"{res['report']['path']}/pipeline.json")
     (Path(res["report"]["path"]) / "pipeline.json").write_text(json.dumps(res, indent=2, default=str))
+    if not settings.external_prefect:  # the UI ready to use: deployments registered, a worker and the watcher
+        from herd import servers
+
+        servers.start_services(settings)
+        typer.echo("\nDeployments registered (alignment-round weekly, Mondays 03:00 UTC); a worker and the inbox "
+                   "watcher run in the background (`herd status`).")
     typer.echo(f"\nPrefect UI: {settings.prefect_api_url.removesuffix('/api')}   MLflow UI: {settings.mlflow_tracking_uri}")
     typer.echo("Curated corpus: " + res["curation"]["output"] + "   Mixture: " + res["mix"]["output"])
-    typer.echo("Stop the servers with: .venv/bin/herd down")
+    typer.echo("Stop the servers, the worker and the watcher with: .venv/bin/herd down")
 
 
 @app.command("report")
@@ -569,90 +682,7 @@ def eval_cmd(model: str = typer.Option(..., "--model", help="a Hugging Face Llam
     typer.echo(f"\n{len(names)} tasks; results: {res.get('results_file') or res['output'] + '/results.json'}")
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PREFECT_YAML = REPO_ROOT / "infra" / "prefect.yaml"
-
-
-def _prefect_bin() -> str:
-    candidate = Path(sys.executable).with_name("prefect")
-    return str(candidate) if candidate.exists() else "prefect"
-
-
-def _deployment_specs(prefect_file: Path) -> list[dict]:
-    """The deployments ``prefect_file`` declares whose entrypoint file exists in this checkout (others: warned)."""
-    import yaml
-
-    try:
-        specs = (yaml.safe_load(prefect_file.read_text()) or {}).get("deployments") or []
-    except (OSError, yaml.YAMLError) as exc:
-        _fail(ValueError(f"cannot read {prefect_file}: {exc}"))
-    present = []
-    for spec in specs:
-        source = str(spec.get("entrypoint") or "").split(":", 1)[0]
-        if not (REPO_ROOT / source).is_file():
-            typer.secho(f"skipped deployment {spec.get('name')}: {source or 'entrypoint'} not found in {REPO_ROOT}",
-                        fg=typer.colors.YELLOW, err=True)
-            continue
-        present.append(spec)
-    return present
-
-
-def _ensure_work_pools(names: set[str]) -> list[str]:
-    """Create each missing work pool as a `process` pool; return the names created."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
-    from prefect.workers.process import ProcessWorker
-
-    created = []
-    with get_client(sync_client=True) as client:
-        for name in sorted(names):
-            try:
-                client.read_work_pool(name)
-            except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(
-                    name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
-                created.append(name)
-    return created
-
-
-def _apply_deployments(prefect_file: Path, names: list[str]) -> None:
-    """`prefect deploy` the named deployments of ``prefect_file``, from the repository root (entrypoints are
-    relative to it)."""
-    import os
-    import subprocess
-
-    cmd = [_prefect_bin(), "--no-prompt", "deploy", "--prefect-file", str(prefect_file)]
-    for name in names:
-        cmd += ["--name", name]
-    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
-    if res.returncode != 0:
-        _fail(RuntimeError(f"`{' '.join(cmd[1:])}` failed (exit {res.returncode}):\n"
-                           f"{(res.stdout + res.stderr)[-4000:]}"))
-
-
-def _describe_deployments(names: list[str], pools: set[str]) -> list[dict]:
-    """What the Prefect API holds for these deployments: full name, schedules, concurrency, trigger events."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, WorkPoolFilter,
-                                                 WorkPoolFilterName)
-
-    out = []
-    with get_client(sync_client=True) as client:
-        found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)),
-                                        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=sorted(pools))))
-        for d in found:
-            schedules = [f"cron '{s.schedule.cron}' ({s.schedule.timezone or 'UTC'})" if hasattr(s.schedule, "cron")
-                         else str(s.schedule) for s in d.schedules]
-            limit = d.global_concurrency_limit.limit if d.global_concurrency_limit else None
-            strategy = d.concurrency_options.collision_strategy if d.concurrency_options else None
-            triggers = [e for a in client.read_resource_related_automations(f"prefect.deployment.{d.id}")
-                        for e in sorted(getattr(a.trigger, "expect", None) or [])]
-            out.append({"name": f"{client.read_flow(d.flow_id).name}/{d.name}", "id": str(d.id),
-                        "schedules": schedules, "concurrency_limit": limit,
-                        "collision_strategy": str(getattr(strategy, "value", strategy)) if strategy else None,
-                        "triggers": triggers})
-    return sorted(out, key=lambda d: names.index(d["name"].split("/", 1)[1]))
+from herd.deployments import PREFECT_YAML, REPO_ROOT  # noqa: E402
 
 
 def _raise_interrupt(*_args) -> None:
@@ -668,35 +698,33 @@ def deploy(prefect_file: Path = typer.Option(PREFECT_YAML, "--prefect-file",
                                        "pool (--no-worker when other workers serve it)"),
            poll: float = typer.Option(5.0, "--poll", help="seconds between scans of the preference inbox")) -> None:
     """Register herd's deployments (infra/prefect.yaml: one per flow; the weekly, inbox-triggered alignment-round,
-    the inbox-triggered preference-inbox), then run a worker for their pool and the inbox watcher until Ctrl-C."""
+    the inbox-triggered preference-inbox) and the zombie-run automation, then run a worker for their pool and the
+    inbox watcher until Ctrl-C. For team servers (PREFECT_API_URL); on the embedded default `herd up` does this."""
     import os
     import signal
     import subprocess
     import time
 
+    from herd import deployments
+
     settings = _setup()
     os.environ["HERD_HOME"] = str(settings.home)  # the flow runs the worker starts share this home
-    prefect_file = prefect_file.resolve()
-    specs = _deployment_specs(prefect_file)
-    if not specs:
-        _fail(ValueError(f"{prefect_file} declares no deployment whose entrypoint exists in {REPO_ROOT}"))
-    names = [s["name"] for s in specs]
-    pools = {(s.get("work_pool") or {}).get("name") for s in specs} - {None}
-    try:
-        for pool in _ensure_work_pools(pools):
-            typer.echo(f"created work pool {pool} (type process)")
-    except Exception as exc:  # noqa: BLE001  (the API refused: say which)
-        _fail(RuntimeError(f"cannot create work pool(s) {sorted(pools)} at {settings.prefect_api_url}: {exc}"))
-    _apply_deployments(prefect_file, names)
-
+    reg = deployments.register(prefect_file)
+    for line in reg["skipped"]:
+        typer.secho(line, fg=typer.colors.YELLOW, err=True)
+    for pool in reg["created_pools"]:
+        typer.echo(f"created work pool {pool} (type process)")
+    names, pools = reg["names"], reg["pools"]
     ui = settings.prefect_api_url.removesuffix("/api")
-    typer.echo(f"registered {len(names)} deployment(s) from {prefect_file} in work pool(s) "
+    typer.echo(f"registered {len(names)} deployment(s) from {prefect_file.resolve()} in work pool(s) "
                f"{', '.join(sorted(pools))} ({ui}/deployments):")
-    for d in _describe_deployments(names, pools):
+    for d in deployments.describe(names, pools):
         conc = f"concurrency {d['concurrency_limit']} ({d['collision_strategy']})" if d["concurrency_limit"] else ""
         parts = [", ".join(d["schedules"]) or "no schedule", conc,
                  ("trigger: " + ", ".join(d["triggers"])) if d["triggers"] else ""]
         typer.echo(f"  {d['name']:<34} " + "; ".join(p for p in parts if p))
+    typer.echo(f"automation '{deployments.ZOMBIE_AUTOMATION}': a flow run without a heartbeat for "
+               f"{deployments.ZOMBIE_AFTER_SECONDS} s is marked Crashed")
 
     from herd.events import INBOX_EVENT, inbox_watcher
 
@@ -715,8 +743,9 @@ def deploy(prefect_file: Path = typer.Option(PREFECT_YAML, "--prefect-file",
     try:
         if worker:
             for pool in sorted(pools):
-                procs.append(subprocess.Popen([_prefect_bin(), "worker", "start", "--pool", pool, "--type", "process"],
-                                              cwd=REPO_ROOT))
+                procs.append(subprocess.Popen([deployments.prefect_bin(), "worker", "start", "--pool", pool,
+                                               "--type", "process"], cwd=REPO_ROOT,
+                                              env={**os.environ, **deployments.worker_env()}))
                 typer.echo(f"worker: pid {procs[-1].pid}, pool {pool}")
         watcher.start()
         typer.echo(f"watching {watcher.inbox} every {poll:g} s: each new export emits {INBOX_EVENT} "
@@ -724,7 +753,7 @@ def deploy(prefect_file: Path = typer.Option(PREFECT_YAML, "--prefect-file",
         while True:
             for p in procs:
                 if p.poll() is not None:
-                    _fail(RuntimeError(f"the worker (pid {p.pid}) exited with code {p.returncode}"))
+                    raise HerdError(f"the worker (pid {p.pid}) exited with code {p.returncode}")
             time.sleep(1.0)
     except KeyboardInterrupt:
         typer.echo("stopping the watcher and worker(s)", err=True)

@@ -9,11 +9,15 @@ run on the open-source Prefect server.
 :class:`InboxWatcher` runs inside ``herd deploy``: it polls the inbox every few seconds and emits one
 event per export file that is new or changed, skipping files the inbox flow has already ingested in
 that version. What it announced is kept in ``$HERD_HOME/preferences/inbox_events.json``, so a
-restart announces nothing twice.
+restart announces nothing twice. Exports herd's own simulated annotator writes are entered there as they are
+written (:func:`own_export`): the flow that wrote one ingests it itself, and announcing it would start
+a round from every round's next-batch collection, one after another.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import threading
@@ -51,6 +55,40 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+@contextlib.contextmanager
+def _ledger_lock(ledger: Path):
+    """Serialise read-modify-write of the announced ledger (the watcher and the annotator task)."""
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with open(ledger.with_name(ledger.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ledger_of(inbox: str | Path) -> Path:
+    """The announced-exports ledger of an inbox folder: ``inbox_events.json`` beside it."""
+    return Path(inbox).parent / "inbox_events.json"
+
+
+@contextlib.contextmanager
+def own_export(inbox: str | Path, path: str | Path):
+    """Around writing an export into ``inbox``: enter it as announced, under the ledger's lock held throughout,
+    so the watcher (which checks the ledger again under that lock before announcing) leaves it to the flow that
+    wrote it."""
+    from tasks.preferences import inbox_files
+
+    ledger = ledger_of(inbox)
+    with _ledger_lock(ledger):
+        yield
+        stamp = inbox_files(str(inbox)).get(str(path))
+        if stamp is not None:
+            announced = _read_json(ledger)
+            announced[str(path)] = stamp
+            write_json_atomic(ledger, announced)
+
+
 class InboxWatcher:
     """Poll ``inbox`` (a folder or fsspec URL) and emit one inbox event per new or changed export.
 
@@ -76,12 +114,15 @@ class InboxWatcher:
         for url, stamp in inbox_files(self.inbox).items():
             if announced.get(url) == stamp or (ingested.get(url) or {}).get("stamp") == stamp:
                 continue
-            if self.emit(url, stamp) is None:
-                log.warning("could not emit %s for %s (no Prefect API configured?); will retry", INBOX_EVENT, url)
-                continue
-            announced[url] = stamp
-            self.ledger.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.ledger, announced)
+            with _ledger_lock(self.ledger):
+                announced = _read_json(self.ledger)  # again, under the lock: the annotator may have entered it
+                if announced.get(url) == stamp:
+                    continue
+                if self.emit(url, stamp) is None:
+                    log.warning("could not emit %s for %s (no Prefect API configured?); will retry", INBOX_EVENT, url)
+                    continue
+                announced[url] = stamp
+                write_json_atomic(self.ledger, announced)
             log.info("announced %s: %s", INBOX_EVENT, url)
             sent.append(url)
         return sent
@@ -108,4 +149,4 @@ class InboxWatcher:
 def inbox_watcher(settings, interval: float = 5.0) -> InboxWatcher:
     """The watcher of herd's default inbox ``$HERD_HOME/preferences/inbox``."""
     p = settings.preferences
-    return InboxWatcher(str(p / "inbox"), p / "inbox_events.json", p / "inbox_ledger.json", interval)
+    return InboxWatcher(str(p / "inbox"), ledger_of(p / "inbox"), p / "inbox_ledger.json", interval)

@@ -4,13 +4,22 @@ All state lives under ``$HERD_HOME`` (default ``./.herd``): the MLflow SQLite st
 Prefect's home, package caches and content-addressed stage outputs. ``MLFLOW_TRACKING_URI`` and
 ``PREFECT_API_URL`` are respected when set, so the same flows run against team servers; otherwise
 herd points both at the servers it starts itself on loopback.
+
+Each home has its own loopback ports, picked on first use and kept in ``$HERD_HOME/run/ports.json``: 4200
+(Prefect) and 5000 (MLflow) when free, else free ports the system hands out, so several homes run side by side.
+A recorded port that another program has taken meanwhile (while this home's server is down) is picked anew.
+``HERD_PREFECT_PORT`` / ``HERD_MLFLOW_PORT`` override.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+
+DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000}
 
 
 @dataclass(frozen=True)
@@ -57,12 +66,68 @@ class Settings:
         return self.mlflow_tracking_uri if self.mlflow_tracking_uri.startswith("http") else ""
 
 
+def _bindable(port: int) -> bool:
+    """Whether a server could listen on loopback ``port`` now (as uvicorn binds: SO_REUSEADDR, so a port in
+    TIME_WAIT after our own server stopped counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_alive(home: Path, name: str) -> bool:
+    """Whether the server herd started for ``home`` (``run/<name>.pid``) is still running."""
+    try:
+        pid = int((home / "run" / f"{name}.pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def home_ports(home: Path) -> dict[str, int]:
+    """This home's loopback ports (``run/ports.json``), picked on first use: the default when free, else any free
+    port. A recorded port held by another program while this home's server is down is picked anew."""
+    path = home / "run" / "ports.json"
+    try:
+        ports = {k: int(v) for k, v in json.loads(path.read_text()).items() if k in DEFAULT_PORTS}
+    except (OSError, ValueError, AttributeError):
+        ports = {}
+    changed = False
+    for name, default in DEFAULT_PORTS.items():
+        port = ports.get(name)
+        if port is not None and (_server_alive(home, name) or _bindable(port)):
+            continue
+        taken = {p for k, p in ports.items() if k != name}
+        port = default if default not in taken and _bindable(default) else _free_port()
+        while port in taken:
+            port = _free_port()
+        ports[name], changed = port, True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".ports.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(ports))
+        os.replace(tmp, path)
+    return ports
+
+
 def load_settings() -> Settings:
     home = Path(os.environ.get("HERD_HOME", ".herd")).expanduser().resolve()
-    prefect_port = int(os.environ.get("HERD_PREFECT_PORT", "4200"))
-    mlflow_port = int(os.environ.get("HERD_MLFLOW_PORT", "5000"))
     prefect_api = os.environ.get("PREFECT_API_URL")
     mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    env_prefect, env_mlflow = os.environ.get("HERD_PREFECT_PORT"), os.environ.get("HERD_MLFLOW_PORT")
+    ports = home_ports(home) if not ((env_prefect or prefect_api) and (env_mlflow or mlflow_uri)) else {}
+    prefect_port = int(env_prefect) if env_prefect else ports.get("prefect", DEFAULT_PORTS["prefect"])
+    mlflow_port = int(env_mlflow) if env_mlflow else ports.get("mlflow", DEFAULT_PORTS["mlflow"])
     return Settings(
         home=home,
         prefect_port=prefect_port,

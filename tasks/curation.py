@@ -35,7 +35,8 @@ def _publish_step(ref: StepRef, run_id: str) -> None:
     md = (f"## curation step `{ref.name}`{' (reused)' if ref.cached else ''}\n\n"
           f"in **{s.get('in')}**, kept **{s.get('kept')}**, rejected **{s.get('rejected')}**"
           f"{', quarantined **' + str(s['quarantined']) + '**' if 'quarantined' in s else ''}; "
-          f"{s.get('docs_per_s') or '-'} docs/s\n\n{markdown_table(rows) if rows else ''}\n\n"
+          f"{s.get('docs_per_s') or '-'} docs/s{chr(10) * 2 + '_' + s['skipped'] + '_' if s.get('skipped') else ''}"
+          f"\n\n{markdown_table(rows) if rows else ''}\n\n"
           f"output `{ref.path}` (sha256 `{ref.digest[:16]}`)\n\nMLflow run: {run_url(run_id)}\n")
     publish_markdown(f"curation-{ref.name.replace('_', '-')}", md, f"curation step {ref.name}")
 

@@ -46,8 +46,12 @@ def collect_task(cfg: CollectConfig, model_dir: str, sft_data: str, batch_index:
 
 @task(task_run_name="simulated-annotator")
 def annotate_task(cfg: AnnotatorConfig, pairs_file: str, inbox: str, name: str) -> dict:
-    """The simulated annotator labels a pairs file into an export in the inbox (as a human export would land)."""
-    return annotate_file(pairs_file, Path(inbox) / f"{name}.jsonl", cfg)
+    """The simulated annotator labels a pairs file into an export in the inbox (as a human export would land); the
+    inbox watcher is told it is herd's own (the calling flow ingests it), so it starts no round of its own."""
+    from herd.events import own_export
+
+    with own_export(inbox, Path(inbox) / f"{name}.jsonl"):
+        return annotate_file(pairs_file, Path(inbox) / f"{name}.jsonl", cfg)
 
 
 @task(task_run_name="rm-staleness-{cfg.category}")

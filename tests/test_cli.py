@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,24 @@ def _run(env, *args, timeout=600):
     return subprocess.run([*HERD, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def _status(env) -> dict:
+    res = _run(env, "status", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout)
+
+
+def _wait_healthy(env, timeout: float = 60.0) -> dict:
+    """`herd status` once every process is healthy (the worker's first poll and the watcher's first scan take
+    a few seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = _status(env)["servers"]
+        if all(p["healthy"] and p["pid"] for p in procs.values()) or time.monotonic() > deadline:
+            assert all(p["healthy"] and p["pid"] for p in procs.values()), procs
+            return procs
+        time.sleep(1.0)
+
+
 def test_bad_config_file_names_file_and_field(env, tmp_path: Path) -> None:
     cfg = tmp_path / "curate.yaml"
     cfg.write_text("near_dedup:\n  threshold: 1.7\n")
@@ -52,9 +71,21 @@ def test_bad_config_file_names_file_and_field(env, tmp_path: Path) -> None:
 def test_up_curate_ingest_down(env, tmp_path: Path) -> None:
     res = _run(env, "up", timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    status = json.loads(_run(env, "status").stdout)
-    assert status["servers"]["prefect"]["healthy"] and status["servers"]["mlflow"]["healthy"]
-    assert status["servers"]["prefect"]["pid"] and status["servers"]["mlflow"]["pid"]
+    procs = _wait_healthy(env)
+    assert set(procs) == {"prefect", "mlflow", "worker-herd-local", "inbox-watcher"}
+    # the UI is usable without `herd deploy`: deployments, the weekly schedule, the zombie-run automation
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{env['HERD_PREFECT_PORT']}/api"}), \
+            get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("alignment-round/alignment-round")
+        assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * 1"]
+        [zombie] = client.read_automations_by_name("herd: crash zombie flow runs")
+        assert zombie.enabled and zombie.trigger.after == {"prefect.flow-run.heartbeat"}
+        assert [a.type for a in zombie.actions] == ["change-flow-run-state"]
+    again = _run(env, "up", timeout=120)  # idempotent: nothing started twice
+    assert again.returncode == 0 and _status(env)["servers"] == procs
 
     text = ("Rivers carry water from the hills to the sea, and along the way they shape valleys, feed farms "
             "and give towns a reason to exist. The oldest settlements in the region grew where a river could "
@@ -94,14 +125,20 @@ def test_up_curate_ingest_down(env, tmp_path: Path) -> None:
     again = _run(env, "preferences", "ingest", str(pref))
     assert json.loads(again.stdout) == {"batch_id": None, "accepted": 0, "quarantined": 1, "duplicates": 2}
     missing = _run(env, "preferences", "ingest", str(tmp_path / "nope.jsonl"))
-    assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [f"error: file {tmp_path / 'nope.jsonl'}: "
+                                                                               "no such file"]
+    verbose = _run(env, "-v", "preferences", "ingest", str(tmp_path / "nope.jsonl"))
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr
     batch = Path(env["HERD_HOME"]) / "preferences" / "batches" / "week-1"
     assert (batch / "data.parquet").is_file() and json.loads((batch / "manifest.json").read_text())["rows"] == 1
 
     res = _run(env, "down")
-    assert res.returncode == 0 and "prefect" in res.stdout and "mlflow" in res.stdout
-    status = json.loads(_run(env, "status").stdout)
-    assert not status["servers"]["prefect"]["healthy"] and not status["servers"]["mlflow"]["healthy"]
+    assert res.returncode == 0
+    assert set(res.stdout.split(":", 1)[1].replace(",", " ").split()) == set(procs)
+    status = _status(env)["servers"]
+    assert not any(p["healthy"] or p["pid"] for p in status.values()), status
+    for p in procs.values():  # every process herd started is gone
+        assert not Path(f"/proc/{p['pid']}").exists() or "Z" in Path(f"/proc/{p['pid']}/stat").read_text().split()[2]
 
 
 def test_refuses_servers_that_belong_to_another_home(env, tmp_path: Path) -> None:
@@ -111,3 +148,38 @@ def test_refuses_servers_that_belong_to_another_home(env, tmp_path: Path) -> Non
     res = _run(other, "up", timeout=60)  # same ports, different home: must not log into the first home's stores
     assert res.returncode == 2 and "did not start" in res.stderr and "HERD_PREFECT_PORT" in res.stderr
     assert _run(env, "down").returncode == 0
+
+
+def test_each_home_gets_its_own_free_ports(tmp_path: Path, monkeypatch) -> None:
+    """Two homes never share ports; a home keeps its ports; a recorded port that another program took while the
+    home's servers were down is picked anew; HERD_*_PORT override."""
+    from herd.settings import load_settings
+
+    for k in ("HERD_PREFECT_PORT", "HERD_MLFLOW_PORT", "PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HERD_HOME", str(tmp_path / "a"))
+    a = load_settings()
+    monkeypatch.setenv("HERD_HOME", str(tmp_path / "b"))
+    with socket.socket() as held:  # a program holding home a's Prefect port
+        held.bind(("127.0.0.1", a.prefect_port))
+        held.listen()
+        b = load_settings()
+        assert len({a.prefect_port, a.mlflow_port, b.prefect_port, b.mlflow_port}) == 4
+        assert json.loads((tmp_path / "b" / "run" / "ports.json").read_text()) == {"prefect": b.prefect_port,
+                                                                                   "mlflow": b.mlflow_port}
+        monkeypatch.setenv("HERD_HOME", str(tmp_path / "a"))
+        moved = load_settings()
+        assert moved.prefect_port != a.prefect_port and moved.mlflow_port == a.mlflow_port
+        assert moved.prefect_api_url == f"http://127.0.0.1:{moved.prefect_port}/api"
+    assert load_settings().prefect_port == moved.prefect_port  # kept once picked
+    monkeypatch.setenv("HERD_PREFECT_PORT", "4999")
+    assert load_settings().prefect_port == 4999
+
+
+def test_herd_errors_are_one_line_with_exit_2(env, tmp_path: Path) -> None:
+    """A HerdError from any command: one line on stderr, exit 2, no traceback (`-v` shows it)."""
+    res = _run(env, "tokenizer", "train", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "t"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "missing" in errors[0] and res.stderr.rstrip().endswith(errors[0]), res.stderr[-2000:]

@@ -6,8 +6,9 @@ both reward models retrained on every batch so far.
     python -m tests.ui._prepare WORKDIR GO_FILE
 
 It may start before the servers answer: the base model is built meanwhile, the flows wait for both health
-checks. The batches wait until GO_FILE exists, so that a `herd deploy --once` running meanwhile announces an
-empty inbox (an announced export would start an alignment round through the inbox trigger).
+checks. The batches wait until GO_FILE exists (`herd up` has finished). The inbox watcher `herd up` runs leaves the
+simulated annotator's exports alone (herd.events.own_export): announced, each would start a round through the
+inbox trigger.
 Writes WORKDIR/prepared.json: the SFT model folder, the batch ids and the RM versions registered.
 """
 

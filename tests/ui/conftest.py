@@ -1,7 +1,7 @@
 """Browser tests against the servers `herd up` starts: fixtures for the stack, Chromium and screenshots.
 
-The stack is the real thing, in its own temporary HERD_HOME on free ports: `herd up`, `herd deploy --once`, a
-process worker for the `herd-local` pool, and the SFT model + two preference batches + reward models an
+The stack is the real thing, in its own temporary HERD_HOME on free ports: `herd up` alone (it registers the
+deployments and runs a process worker for the `herd-local` pool and the inbox watcher), and the SFT model + two preference batches + reward models an
 alignment round needs (tests/ui/_prepare.py, in the background while the first browser test runs).
 `herd down` at the end. Screenshots go to $HERD_UI_ARTIFACTS (default .herd/ui-artifacts, git-ignored).
 """
@@ -159,7 +159,7 @@ class Stack:
     prepare: subprocess.Popen
     prepare_dir: Path
     prepare_log: Path
-    worker: subprocess.Popen
+    worker: None  # `herd up` runs it (pid in $HERD_HOME/run)
     worker_log: Path
     prepared: dict = field(default_factory=dict)
 
@@ -200,7 +200,8 @@ def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 @pytest.fixture(scope="session")
 def herd_stack(tmp_path_factory, package_cache, browser) -> Stack:
-    """`herd up` on free ports in a fresh HERD_HOME, deployments registered, a worker, the round's inputs.
+    """`herd up` on free ports in a fresh HERD_HOME (deployments registered, a worker, the watcher), the round's
+    inputs.
     (Asks for ``browser`` first so that a machine without Chromium skips before any server starts.)"""
     home = tmp_path_factory.mktemp("ui-herd-home")
     (home / "cache").symlink_to(package_cache, target_is_directory=True)  # package downloads: shared
@@ -235,14 +236,13 @@ def herd_stack(tmp_path_factory, package_cache, browser) -> Stack:
         prep_dir = home / "ui-prepare"
         prep_log = logs / "prepare.log"
         prepare = spawn([sys.executable, "-m", "tests.ui._prepare", str(prep_dir), str(go)], prep_log, env)
-        run([*HERD, "up", "--timeout", "240"], "herd up", server_env, 300)
+        # `herd up` alone (no `herd deploy`): servers, deployments, a worker for herd-local and the inbox watcher
         try:
-            run([*HERD, "deploy", "--once"], "herd deploy --once", env, 300)
+            run([*HERD, "up", "--timeout", "240"], "herd up", {**server_env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, 300)
         finally:
-            go.touch()  # the inbox was announced (empty): batches may land now
-        worker_log = logs / "worker.log"
-        worker = spawn([PREFECT, "worker", "start", "--pool", POOL, "--type", "process"], worker_log,
-                       {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"})
+            go.touch()
+        worker_log = home / "logs" / "worker-herd-local.log"
+        worker = None
         yield Stack(home=home, prefect_url=prefect_url, mlflow_url=mlflow_url, env=env, prepare=prepare,
                     prepare_dir=prep_dir, prepare_log=prep_log, worker=worker, worker_log=worker_log)
     finally:

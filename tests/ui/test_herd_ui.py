@@ -4,21 +4,28 @@ Prefect (the default UI at the server's root): the `alignment-round` deployment 
 round started from its "Custom run" form (parameters set through the form's JSON inputs to the smoke preset)
 runs on the worker to Completed. MLflow: the `policy` version that round registered shows its lineage tags; its
 reward-model versions lead to their training runs, whose inputs are the `preferences/<batch>` datasets.
-Screenshots of every step land in $HERD_UI_ARTIFACTS (default .herd/ui-artifacts).
+Then a dead worker: round 2, killed in the middle with its worker, is marked Crashed by the zombie-run automation
+and, rerun, completes with one `policy` version per round. Screenshots of every step land in $HERD_UI_ARTIFACTS
+(default .herd/ui-artifacts).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
-from tests.ui.conftest import log_tail, new_page
+from herd.deployments import ZOMBIE_AFTER_SECONDS
+from tests.ui.conftest import HERD, ROOT, log_tail, new_page
 
-pytestmark = [pytest.mark.ui, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ui, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 DEPLOYMENT = "alignment-round"
 ROUND_TIMEOUT_S = 300  # one smoke round: ~45 s on 2 cores, plus the worker's pickup
@@ -306,3 +313,102 @@ def test_mlflow_policy_version_leads_to_reward_models_and_their_batches(ui_round
             expect(d).to_be_visible()
         shots(page, f"mlflow-{6 + 3 * i:02d}-{name}-v{version}-run", full_page=False)
         page.keyboard.press("Escape")
+
+
+# ------------------------------------------------------------------ a dead worker mid-round
+# A dead worker does not stop the weekly round: against the `herd up` stack of the UI tests (after its round 1),
+# round 2 is started on the worker and, in the middle, the worker and the flow run it started are SIGKILLed (a dead
+# machine). The zombie-run automation `herd up` installed marks the run Crashed (its heartbeats stopped), which frees
+# the deployment's concurrency slot; `herd up` again restarts the worker; round 2 run again completes, reusing what
+# was stored, and the registry holds exactly one `policy` version per round. No store folder is left half-written.
+
+CRASH_BOUND_S = ZOMBIE_AFTER_SECONDS + 90  # the automation's window, plus the server's evaluation lag
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _state(stack, run_id: str) -> str:
+    run = stack.prefect_api(f"/flow_runs/{run_id}")
+    return run["state"]["type"] if run["state"] else "NONE"
+
+
+def _wait_state(stack, run_id: str, states: set[str], timeout: float) -> tuple[str, float]:
+    t0 = time.monotonic()
+    while (state := _state(stack, run_id)) not in states:
+        if time.monotonic() - t0 > timeout:
+            return state, time.monotonic() - t0
+        time.sleep(2)
+    return state, time.monotonic() - t0
+
+
+def _start_round(stack) -> str:
+    dep = stack.prefect_api(f"/deployments/name/{DEPLOYMENT}/{DEPLOYMENT}")
+    return stack.prefect_api(f"/deployments/{dep['id']}/create_flow_run", {"parameters": smoke_parameters()})["id"]
+
+
+def _half_written(store: Path) -> list[str]:
+    """Files of the store outside any complete stage output (a folder holding manifest.json) and outside the
+    hidden temporary folders a killed stage leaves (never read: outputs are found by their final names)."""
+    bad = []
+    for f in store.rglob("*"):
+        rel = f.relative_to(store)
+        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or len(rel.parts) <= 2:
+            continue
+        if not any((store / Path(*rel.parts[:k]) / "manifest.json").is_file() for k in range(1, len(rel.parts))):
+            bad.append(str(rel))
+    return bad
+
+
+def test_killed_worker_mid_round_crashes_the_run_and_the_round_resumes(ui_round, herd_stack):
+    assert ui_round["run"]["state"]["type"] == "COMPLETED"
+    stack, home = herd_stack, herd_stack.home
+    run_id = _start_round(stack)
+    state, _ = _wait_state(stack, run_id, {"RUNNING", "COMPLETED", "FAILED", "CRASHED"}, 120)
+    assert state == "RUNNING", f"round 2 is {state}; worker log:\n{log_tail(stack.worker_log)}"
+    time.sleep(15)  # into its stages (reward models, rejection sampling)
+    assert _state(stack, run_id) == "RUNNING", "round 2 ended before the kill: nothing was tested"
+
+    worker_pid = int((home / "run" / "worker-herd-local.pid").read_text())
+    victims = _descendants(worker_pid)
+    assert len(victims) >= 2, "the worker runs no flow-run process"
+    for pid in victims:  # the worker and the flow run: a dead machine
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    state, took = _wait_state(stack, run_id, {"CRASHED", "COMPLETED", "FAILED"}, CRASH_BOUND_S)
+    assert state == "CRASHED", f"the killed round is {state} after {took:.0f} s (bound {CRASH_BOUND_S} s)"
+    print(f"killed round marked Crashed {took:.0f} s after the kill")
+    dep = stack.prefect_api(f"/deployments/name/{DEPLOYMENT}/{DEPLOYMENT}")
+    limit = stack.prefect_api(f"/v2/concurrency_limits/{dep['global_concurrency_limit']['id']}")
+    assert limit["active_slots"] == 0, f"the crashed run still holds the deployment's slot: {limit}"
+
+    env = {k: v for k, v in stack.env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    up = subprocess.run([*HERD, "up"], env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr[-3000:]
+    assert "worker-herd-local" in up.stdout and int((home / "run" / "worker-herd-local.pid").read_text()) != worker_pid
+
+    again = _start_round(stack)
+    state, took = _wait_state(stack, again, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, ROUND_TIMEOUT_S)
+    assert state == "COMPLETED", f"the rerun ended {state}; worker log:\n{log_tail(stack.worker_log)}"
+    rounds = sorted(int(v["tags"].get("herd.round", 0)) if isinstance(v.get("tags"), dict) else
+                    int({t["key"]: t["value"] for t in v.get("tags", [])}.get("herd.round", 0))
+                    for v in stack.mlflow_api("/model-versions/search", filter="name='policy'")["model_versions"])
+    assert rounds == [1, 2], f"policy versions by round: {rounds} (one per round, no gap)"
+    assert not _half_written(home / "store"), _half_written(home / "store")
