@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from stages.common import StageConfig, atomic_dir, write_json_atomic
 from stages.errors import ConfigError, DataValidationError
+from stages.rows import read_lines
 
 log = logging.getLogger(__name__)
 
@@ -148,19 +149,25 @@ def _input_files(path: Path) -> list[Path]:
         files = sorted([*folder.glob("*.jsonl"), *folder.glob("*.jsonl.gz")])
         if files:
             return files
-        raise DataValidationError(f"no *.jsonl / *.jsonl.gz files in {folder}", file=str(path))
+        hint = "; a curation run that kept nothing? see its report.json" if folder.name == "kept" else ""
+        raise DataValidationError(f"no *.jsonl / *.jsonl.gz files in {folder}: nothing to mix{hint}", file=str(path))
     raise DataValidationError("input does not exist", file=str(path))
 
 
 def _iter_records(path: Path) -> Iterator[tuple[Path, int, dict]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    yield path, n, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataValidationError(f"invalid JSON: {exc}", file=str(path), line=n) from exc
+    for line in read_lines(path):  # each line decoded on its own: an error names its true line
+        if line.error is not None:
+            raise DataValidationError(line.error, file=str(path), line=line.number)
+        if line.blank:
+            continue
+        try:
+            rec = json.loads(line.text)
+        except json.JSONDecodeError as exc:
+            raise DataValidationError(f"invalid JSON: {exc}", file=str(path), line=line.number) from None
+        if not isinstance(rec, dict):
+            raise DataValidationError(f"expected a JSON object, got {type(rec).__name__}", file=str(path),
+                                      line=line.number)
+        yield path, line.number, rec
 
 
 def read_sources(inputs: list[Path], count: Callable[[str], int]) -> dict[str, _Source]:
@@ -174,8 +181,8 @@ def read_sources(inputs: list[Path], count: Callable[[str], int]) -> dict[str, _
             if not src:
                 raise DataValidationError("record has no source (top-level 'source' or metadata.source)",
                                           file=str(file), line=line, field="source")
-            if "text" not in rec:
-                raise DataValidationError("record has no text", file=str(file), line=line, field="text")
+            if not isinstance(rec.get("text"), str):
+                raise DataValidationError("record has no string text", file=str(file), line=line, field="text")
             doc_id = rec.get("id", f"{file.name}:{line}")
             s = sources.setdefault(src, _Source(src))
             text = rec["text"]
@@ -251,6 +258,11 @@ def mix(cfg: MixConfig, inputs: list[Path], out_dir: str | Path, *,
     t0 = time.perf_counter()
     count = count_tokens or TOKEN_COUNTERS[cfg.token_counter]
     sources = read_sources(inputs, count)
+    if not any(sum(src.tokens) for src in sources.values()):
+        raise DataValidationError(
+            f"no documents with text in the inputs ({sum(len(src.ids) for src in sources.values())} document(s), "
+            "0 tokens): nothing to mix; a curation run that kept nothing? see its report.json",
+            file=", ".join(str(p) for p in inputs))
     shares = _effective_shares(cfg, sources)
     unused = sorted(set(sources) - set(shares))
     if unused:

@@ -13,8 +13,11 @@ A record (one JSON object per line, or one Parquet row)::
 identity is the record's content without ``id``) become one batch,
 ``<root>/batches/<batch_id>/{data.parquet, manifest.json}``, written atomically (a crash leaves no
 partial batch). Invalid rows go to ``<root>/quarantine/<batch or file digest>.jsonl`` with file, line,
-field and reason. Blank lines are ignored. Every other row is counted exactly once:
-``rows = accepted + quarantined + duplicates``.
+byte offset, field and reason; so do lines that cannot be read at all (bytes that are not UTF-8, a NUL
+byte, a line over ``max_line_bytes``, a line cut by a truncated gzip member): each line is decoded on its
+own, so one bad line never sinks the file. A UTF-8 BOM and CRLF line endings are accepted. Blank lines
+are ignored. Every other row is counted exactly once: ``rows = accepted + quarantined + duplicates``.
+A Parquet file that cannot be opened at all is refused with one error naming the file.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from stages.common import atomic_dir, canonical_json, confined, file_sha256, write_json_atomic
 from stages.errors import ConfigError, DataValidationError
+from stages.rows import MAX_LINE_BYTES, bad_string, is_parquet, parquet_rows, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +144,21 @@ def record_from_row(row: dict[str, Any]) -> PreferenceRecord:
 
 
 class Rejected(BaseModel):
-    """A row that failed validation, as written to the quarantine file."""
+    """A row that failed validation, as written to the quarantine file.
+
+    ``line`` is the 1-based line (JSONL) or row (Parquet) number; ``offset`` the byte offset of the line's first
+    byte in the file (in the decompressed stream for ``.gz``; None for Parquet rows).
+    """
 
     file: str
     line: int
+    offset: int | None = None
     field: str | None
     reason: str
     raw: str
+
+
+RAW_CHARS = 10_000  # how much of a bad row is copied into the quarantine file
 
 
 def _first_error(exc: ValidationError) -> tuple[str, str]:
@@ -161,44 +173,43 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
     return field or "", msg + (f" (and {more} more error{'s' * (more > 1)})" if more > 0 else "")
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, Any, str]]:
-    """``(line, parsed object or exception, raw text)`` per non-blank line (JSONL) or row (Parquet, 1-based)."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+class Unreadable:
+    """A row that could not be read at all (bytes not UTF-8, a NUL byte, an over-long line, damaged gzip data)."""
 
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:
-            raise DataValidationError(f"not a readable Parquet file: {exc}", file=str(path)) from None
-        for i, row in enumerate(table.to_pylist(), start=1):
-            row = {k: v for k, v in row.items() if v is not None or k in ("edited", "id")}
-            yield i, row, json.dumps(row, ensure_ascii=False, default=str)
-        return
-    opener = open
-    if path.suffix == ".gz":
-        import gzip
+    def __init__(self, reason: str):
+        self.reason = reason
 
-        opener = gzip.open  # type: ignore[assignment]
-    with opener(path, "rt", encoding="utf-8", errors="strict") as fh:
-        line_no = 0
-        while True:
-            line_no += 1
-            try:
-                line = fh.readline()
-            except UnicodeDecodeError as exc:
-                raise DataValidationError(f"not UTF-8 text: {exc}", file=str(path), line=line_no) from None
-            if not line:
-                return
-            if not line.strip():
+
+def read_rows(path: Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, int | None, Any, str]]:
+    """``(line, byte offset, parsed object | JSONDecodeError | Unreadable, raw text)`` per non-blank JSONL line,
+    or per Parquet row (1-based, offset None). Each line is decoded on its own: one bad line never stops the file.
+
+    A Parquet file that cannot be opened at all raises :class:`DataValidationError` naming the file.
+    """
+    if is_parquet(path):
+        for i, row, error in parquet_rows(path):
+            if error is not None:
+                yield i, None, Unreadable(error), ""
                 continue
-            try:
-                yield line_no, json.loads(line), line.rstrip("\n")
-            except json.JSONDecodeError as exc:
-                yield line_no, exc, line.rstrip("\n")
+            row = {k: v for k, v in row.items() if v is not None or k in ("edited", "id")}
+            yield i, None, row, json.dumps(row, ensure_ascii=False, default=str)
+        return
+    for line in read_lines(path, max_line_bytes=max_line_bytes):
+        if line.error is not None:
+            yield line.number, line.offset, Unreadable(line.error), line.raw_text(RAW_CHARS)
+            continue
+        if line.blank:
+            continue
+        try:
+            yield line.number, line.offset, json.loads(line.text), line.text
+        except json.JSONDecodeError as exc:
+            yield line.number, line.offset, exc, line.text
 
 
 def validate(obj: Any) -> tuple[PreferenceRecord | None, str | None, str | None]:
     """``(record, None, None)`` or ``(None, field, reason)``."""
+    if isinstance(obj, Unreadable):
+        return None, None, obj.reason
     if isinstance(obj, Exception):
         return None, None, f"invalid JSON: {obj}"
     if not isinstance(obj, dict):
@@ -208,6 +219,9 @@ def validate(obj: Any) -> tuple[PreferenceRecord | None, str | None, str | None]
     except ValidationError as exc:
         field, reason = _first_error(exc)
         return None, field, reason
+    bad = bad_string(obj)  # a NUL or a lone surrogate would break the batch's Parquet file or the tokenizer
+    if bad:
+        return None, bad[0], bad[1]
     try:
         rec.check_pair()
     except ValueError as exc:
@@ -288,8 +302,13 @@ def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
-def ingest_file(path: str | Path, root: str | Path, batch_id: str | None = None) -> tuple[IngestResult, Path | None]:
+def ingest_file(path: str | Path, root: str | Path, batch_id: str | None = None, *,
+                max_line_bytes: int = MAX_LINE_BYTES) -> tuple[IngestResult, Path | None]:
     """Validate ``path`` (JSONL, JSONL.gz or Parquet) and store its new valid rows as one batch under ``root``.
+
+    Every line is read on its own (:func:`stages.rows.read_lines`): a line that is not UTF-8, holds a NUL byte,
+    is longer than ``max_line_bytes`` or is cut by damaged gzip data is quarantined with its line number and
+    byte offset, and the rest of the file is still ingested.
 
     Returns the result and the batch folder (None when nothing new was accepted). ``batch_id`` defaults
     to ``b<UTC date>-<digest of the accepted rows>``; an explicit id that already names a stored batch
@@ -307,10 +326,11 @@ def ingest_file(path: str | Path, root: str | Path, batch_id: str | None = None)
         rejected: list[Rejected] = []
         in_file: set[str] = set()
         duplicates = 0
-        for line, obj, raw in read_rows(path):
+        for line, offset, obj, raw in read_rows(path, max_line_bytes=max_line_bytes):
             rec, field, reason = validate(obj)
             if rec is None:
-                rejected.append(Rejected(file=str(path), line=line, field=field, reason=reason or "", raw=raw[:10_000]))
+                rejected.append(Rejected(file=str(path), line=line, offset=offset, field=field, reason=reason or "",
+                                         raw=raw[:RAW_CHARS]))
                 continue
             digest = rec.digest()
             if digest in seen or digest in in_file:

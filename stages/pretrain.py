@@ -430,6 +430,11 @@ def pretrain(
     random.seed(cfg.seed)
 
     train = TokenSplit(data_dir)
+    if train.n_windows(cfg.seq_len) <= 0:
+        raise DataValidationError(
+            f"{len(train)} tokens in {len(train.offsets) - 1} documents: too few for one training sequence of "
+            f"seq_len={cfg.seq_len} (it needs {cfg.seq_len + 1} tokens); tokenize more text or lower seq_len",
+            file=str(data_dir), field="seq_len")
     heldout = TokenSplit(heldout_dir) if heldout_dir is not None else None
     vocab = train.vocab_size or max(train.max_token(), heldout.max_token() if heldout else 0) + 1
     order = DataOrder(train.n_windows(cfg.seq_len), cfg.seq_len, cfg.seed, cfg.shuffle)

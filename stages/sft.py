@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, read_manifest, write_json_atomic
-from stages.errors import MissingAssetError
+from stages.errors import DataValidationError, MissingAssetError
 from stages.model import ModelConfig
 from stages.pretrain import PretrainConfig, PretrainResult, TokenSplit, pretrain
 from stages.sft_data import SFTDataConfig, SFTTokenizeConfig, tokenize_chats
@@ -62,6 +62,9 @@ def sft(cfg: SFTConfig, base_model_dir: str | Path, tokenizer_dir: str | Path, c
     done = read_manifest(out_dir)
     if done is not None and "result" in done:
         return SFTResult.model_validate(done["result"])
+    if not conversations and read_manifest(out_dir / "tokens") is None:
+        raise DataValidationError("no conversations to fine-tune on: the SFT data is empty (check the SFT data "
+                                  "sources and caps)")
     if not (tokenizer_dir / "tokenizer_config.json").is_file():
         raise MissingAssetError(f"no tokenizer in {tokenizer_dir}: SFT needs the base model's tokenizer")
     model_cfg = ModelConfig.from_pretrained(base_model_dir)
@@ -73,6 +76,11 @@ def sft(cfg: SFTConfig, base_model_dir: str | Path, tokenizer_dir: str | Path, c
     tokens = read_manifest(tok_dir) or tokenize_chats(cfg.tokenize, tokenizer_dir, conversations, tok_dir)
     train_split = TokenSplit(tok_dir / "train")
     windows = train_split.n_windows(cfg.train.seq_len)
+    if windows <= 0:
+        raise DataValidationError(
+            f"{len(conversations)} conversation(s) give {len(train_split)} training tokens: too few for one sequence "
+            f"of train.seq_len={cfg.train.seq_len}; add conversations or lower train.seq_len",
+            file=str(tok_dir / "train"), field="train.seq_len")
     steps = max(1, math.ceil(cfg.epochs * windows / cfg.train.sequences_per_batch))
     log.info("SFT: %d packed windows of %d tokens, %.3g epochs -> %d steps of %d sequences", windows,
              cfg.train.seq_len, cfg.epochs, steps, cfg.train.sequences_per_batch)

@@ -264,7 +264,8 @@ def train_tokenizer(cfg: TokenizerConfig, inputs: list[Path], out_dir: Path, *,
     t0 = time.perf_counter()
     texts, chars = select_training_docs(cfg, files)
     if not texts:
-        raise DataValidationError("no non-empty documents to train the tokenizer on", file=str(inputs))
+        raise DataValidationError("no documents with text to train the tokenizer on (an empty mixture? see the mix "
+                                  "step's table.json)", file=", ".join(str(f) for f in files))
     tok, trainer, processors = _build_bpe(cfg)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     for i, t in enumerate(cfg.special_tokens):
@@ -468,6 +469,13 @@ def tokenize_corpus(cfg: TokenizeConfig, tokenizer_dir: Path, inputs: list[Path]
         if batch:
             flush()
         splits = {s: w.close() for s, w in writers.items()}
+        inputs_named = ", ".join(str(f) for f in files)
+        if not splits["train"]["docs"]:
+            held_docs = splits["heldout"]["docs"]
+            raise DataValidationError(
+                "no documents with text to tokenize (an empty mixture? see the mix step's table.json)" if not held_docs
+                else f"all {held_docs} document(s) went to the held-out split, none is left to train on; give more "
+                     f"documents or lower heldout_fraction (now {cfg.heldout_fraction})", file=inputs_named)
         seconds = time.perf_counter() - t0
         total = sum(v["tokens"] for v in splits.values())
         manifest = {

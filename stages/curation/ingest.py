@@ -2,22 +2,24 @@
 
 Accepts JSONL, JSONL.gz and Parquet files (a file, a folder or a glob). Each record needs a
 non-empty string ``text`` and an ``id`` (string or integer); ``url`` (string or null), ``source``
-(string or null) and ``metadata`` (object or null) are optional. A line that is not valid JSON,
-not UTF-8, misses ``text``/``id``, has a field of the wrong type or repeats an earlier ``id`` is
-written to ``quarantine/quarantine.jsonl`` with its file, line number, field and error; it never
-stops the run. Blank lines are ignored. Valid documents are spread over ``shards`` files by a hash
-of their id, so the layout does not depend on input order.
+(string or null) and ``metadata`` (object or null) are optional. Every line is decoded on its own
+(:func:`stages.rows.read_lines`): a line that is not valid JSON, not UTF-8, holds a NUL byte, is
+longer than ``max_line_bytes``, is cut by a truncated gzip member, misses ``text``/``id``, has a field
+of the wrong type (a Parquet column of the wrong type: row by row) or repeats an earlier ``id`` is
+written to ``quarantine/quarantine.jsonl`` as ``{"file", "line", "offset", "field", "error", "raw"}``
+(``offset``: the line's byte offset, in the decompressed stream for ``.gz``; null for Parquet rows);
+it never stops the run. A UTF-8 BOM and CRLF line endings are accepted. Blank lines are ignored; every
+other line is counted once: ``in = kept + quarantined``. Valid documents are spread over ``shards``
+files by a hash of their id, so the layout does not depend on input order.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
 import json
 import logging
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from pydantic import Field
 from stages.common import StageConfig, file_sha256
 from stages.curation.base import KEPT, STATS, ShardWriter
 from stages.errors import DataValidationError
+from stages.rows import MAX_LINE_BYTES, bad_string, is_parquet, parquet_rows, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ class IngestConfig(StageConfig):
     shards: int = Field(4, ge=1, le=4096, description="number of shards valid documents are spread over")
     default_source: str = Field("web", min_length=1, description="source label for records without a `source`")
     max_raw_chars: int = Field(2000, ge=0, description="how much of a bad line is copied into the quarantine file")
+    max_line_bytes: int = Field(MAX_LINE_BYTES, ge=1024, description="longest input line read (bytes); a longer "
+                                "line is quarantined without being held in memory")
 
 
 def resolve_inputs(spec: str | Path | list[str | Path]) -> list[Path]:
@@ -70,30 +75,6 @@ def input_digest(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes | None, str | None]]:
-    """Yield (line number, raw bytes, read error) for every line of a JSONL(.gz) file."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    n = 0
-    try:
-        with opener(path, "rb") as fh:
-            for n, raw in enumerate(fh, start=1):
-                yield n, raw, None
-    except (OSError, EOFError, zlib.error) as exc:  # truncated or corrupt gzip
-        yield n + 1, None, f"unreadable after line {n}: {exc}"
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - any pyarrow failure means the file is unreadable
-        yield 1, None, f"unreadable Parquet file: {exc}"
-        return
-    for i, row in enumerate(table.to_pylist(), start=1):
-        yield i, row, None
-
-
 def validate_record(obj: object, default_source: str) -> tuple[dict | None, str | None, str | None]:
     """Return (clean record, None, None) or (None, field, error)."""
     if not isinstance(obj, dict):
@@ -122,6 +103,9 @@ def validate_record(obj: object, default_source: str) -> tuple[dict | None, str 
         return None, "metadata", f"expected an object or null, got {type(meta).__name__}"
     if "\x00" in text:
         return None, "text", "contains NUL bytes"
+    bad = bad_string({k: obj.get(k) for k in ("text", "id", "url", "source", "metadata")}, nul=False)
+    if bad:  # a lone surrogate cannot be written as UTF-8
+        return None, bad[0], bad[1]
     return {
         "id": doc_id,
         "text": text,
@@ -133,6 +117,33 @@ def validate_record(obj: object, default_source: str) -> tuple[dict | None, str 
 
 def _shard_of(doc_id: str, shards: int) -> int:
     return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big") % shards
+
+
+BLANK = object()  # the row of a blank line (not counted)
+
+
+def _input_rows(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, int | None, object, str | None, str | None]]:
+    """``(line, byte offset, parsed row, raw text, error)`` per line or Parquet row; a blank line's row is ``BLANK``.
+
+    ``error`` set: the line could not be read or parsed (the row is None). Each line is decoded on its own.
+    """
+    if is_parquet(path):
+        try:
+            for n, row, err in parquet_rows(path):
+                yield n, None, row, None, err
+        except DataValidationError as exc:  # the file cannot be opened at all: one quarantine record for it
+            yield 1, None, None, None, exc.reason
+        return
+    for line in read_lines(path, max_line_bytes=cfg.max_line_bytes):
+        if line.error is not None:
+            yield line.number, line.offset, None, line.raw_text(cfg.max_raw_chars), line.error
+        elif line.blank:
+            yield line.number, line.offset, BLANK, None, None
+        else:
+            try:
+                yield line.number, line.offset, json.loads(line.text), line.text, None
+            except json.JSONDecodeError as exc:
+                yield line.number, line.offset, None, line.text, f"bad JSON: {exc}"
 
 
 def ingest(cfg: IngestConfig, inputs: list[Path], out_dir: Path, *, progress=None) -> dict:
@@ -147,54 +158,43 @@ def ingest(cfg: IngestConfig, inputs: list[Path], out_dir: Path, *, progress=Non
     per_source: Counter = Counter()
     qpath = out_dir / QUARANTINE / "quarantine.jsonl"
     with open(qpath, "w", encoding="utf-8") as qfh:
-        def quarantine(file: Path, line: int, field: str | None, error: str, raw: str | None) -> None:
+        def quarantine(file: Path, line: int, offset: int | None, field: str | None, error: str,
+                       raw: str | None) -> None:
             errors[f"{field or 'line'}: {error.split(':')[0]}"] += 1
-            qfh.write(json.dumps({"file": str(file), "line": line, "field": field, "error": error,
+            qfh.write(json.dumps({"file": str(file), "line": line, "offset": offset, "field": field, "error": error,
                                   "raw": (raw or "")[: cfg.max_raw_chars]}, ensure_ascii=False) + "\n")
 
         for path in inputs:
-            if path.suffix == ".parquet":
-                rows = ((n, row, err, None) for n, row, err in _iter_parquet(path))
-            else:
-                rows = ((n, None, err, raw) for n, raw, err in _iter_raw_lines(path))
-            for n, row, err, raw in rows:
-                if err is not None:
-                    lines += 1
-                    quarantine(path, n, None, err, None)
+            for n, offset, row, raw_text, err in _input_rows(path, cfg):
+                if row is BLANK:
+                    blank += 1
                     continue
-                raw_text = None
-                if row is None:
-                    if not raw.strip():
-                        blank += 1
-                        continue
-                    lines += 1
-                    try:
-                        raw_text = raw.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        quarantine(path, n, None, f"undecodable bytes (not UTF-8): {exc}", raw.decode("utf-8", "replace"))
-                        continue
-                    try:
-                        row = json.loads(raw_text)
-                    except json.JSONDecodeError as exc:
-                        quarantine(path, n, None, f"bad JSON: {exc}", raw_text)
-                        continue
-                else:
-                    lines += 1
+                lines += 1
+                if err is not None:
+                    quarantine(path, n, offset, None, err, raw_text)
+                    continue
                 rec, field, error = validate_record(row, cfg.default_source)
                 if rec is None:
-                    quarantine(path, n, field, error, raw_text if raw_text is not None else json.dumps(row, default=str))
+                    quarantine(path, n, offset, field, error,
+                               raw_text if raw_text is not None else json.dumps(row, default=str))
                     continue
                 origin = f"{path.name}:{n}"
                 if rec["id"] in seen:
-                    quarantine(path, n, "id", f"duplicate id {rec['id']!r} (first seen at {seen[rec['id']]})", raw_text)
+                    quarantine(path, n, offset, "id", f"duplicate id {rec['id']!r} (first seen at {seen[rec['id']]})",
+                               raw_text if raw_text is not None else json.dumps(row, default=str))
+                    continue
+                try:  # serialised before anything is written: a value orjson cannot store fails here, alone
+                    writers[_shard_of(rec["id"], cfg.shards)].write({
+                        "text": rec["text"], "id": rec["id"],
+                        "metadata": {"source": rec["source"], "url": rec["url"], "meta": rec["meta"], "origin": origin},
+                    })
+                except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError (e.g. an int > 64 bits)
+                    quarantine(path, n, offset, "metadata", f"cannot be stored as JSON: {exc}",
+                               raw_text if raw_text is not None else json.dumps(row, default=str))
                     continue
                 seen[rec["id"]] = origin
                 valid += 1
                 per_source[rec["source"]] += 1
-                writers[_shard_of(rec["id"], cfg.shards)].write({
-                    "text": rec["text"], "id": rec["id"],
-                    "metadata": {"source": rec["source"], "url": rec["url"], "meta": rec["meta"], "origin": origin},
-                })
             if progress:
                 progress(path.name, lines)
     for w in writers:

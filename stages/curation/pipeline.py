@@ -3,11 +3,13 @@
 Each step is a content-addressed stage: its output folder is named by
 ``config_hash(step name, step config, parent key)``, the parent key being the previous step's (the
 ingest key hashes the ingest config and the input files' digests). Changing one filter's config
-therefore recomputes only that step and the ones after it.
+therefore recomputes only that step and the ones after it. A step whose input holds no documents does
+not run; it passes an empty result on (see :func:`run_step`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 from pydantic import Field
 
 from stages.common import StageConfig, config_hash, tree_sha256
-from stages.curation.base import ExecutorConfig, run_filter_step
+from stages.curation.base import KEPT, REJECTED, ExecutorConfig, run_filter_step, shard_files, write_step_stats
 from stages.curation.dedup import (
     ExactDedupConfig,
     MinHashConfig,
@@ -28,6 +30,8 @@ from stages.curation.decontam import DecontamConfig, benchmark_index, decontamin
 from stages.curation.filters import HeuristicConfig, LanguageConfig, NsfwConfig, PiiConfig, UrlFilterConfig
 from stages.curation.ingest import IngestConfig
 from stages.curation.quality import QualityConfig, quality_filter
+
+log = logging.getLogger(__name__)
 
 
 class CurationConfig(StageConfig):
@@ -139,5 +143,32 @@ def step_key(cfg: CurationConfig, name: str, parent_key: str, classifier_digest:
     return config_hash(*parts)
 
 
+def has_documents(folder: Path) -> bool:
+    """Whether any shard in ``folder`` holds a non-blank line (reads at most up to the first one)."""
+    import gzip
+
+    for path in shard_files(folder):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            if any(line.strip() for line in fh):
+                return True
+    return False
+
+
+def pass_empty(name: str, in_dir: Path, out_dir: Path) -> dict:
+    """The result of a step whose input holds no documents: empty ``kept/`` and ``rejected/``, and stats saying so."""
+    (out_dir / KEPT).mkdir(parents=True, exist_ok=True)
+    (out_dir / REJECTED).mkdir(parents=True, exist_ok=True)
+    return write_step_stats(name, in_dir, out_dir, 0.0, {"skipped": "no documents in the input: an earlier step "
+                                                                    "kept none"})
+
+
 def run_step(name: str, cfg: CurationConfig, in_dir: Path, out_dir: Path, ctx: StepContext) -> dict:
-    return STEPS[name](cfg, Path(in_dir), Path(out_dir), ctx)
+    """Run step ``name`` on ``in_dir/kept`` into ``out_dir``. A step whose input holds no documents (an earlier
+    step kept none) does not run: it passes an empty result on (:func:`pass_empty`), so a run where everything
+    is rejected or quarantined still ends with an empty ``kept/`` and every document in ``rejected/``."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not has_documents(in_dir / KEPT):
+        log.info("curation step %s: no documents in %s; passing an empty result on", name, in_dir / KEPT)
+        return pass_empty(name, in_dir, out_dir)
+    return STEPS[name](cfg, in_dir, out_dir, ctx)
