@@ -768,5 +768,39 @@ def deploy(prefect_file: Path = typer.Option(PREFECT_YAML, "--prefect-file",
                     p.kill()
 
 
+@app.command("lineage")
+def lineage_cmd(ref: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/NAME/VERSION (e.g. "
+                                          "models:/policy@champion) or an MLflow run id"),
+                fmt: str = typer.Option("text", "--format", help="text (one line per node) | json (the tree)"),
+                check: bool = typer.Option(False, "--check", help="re-hash every store path against its recorded "
+                                           "digest")) -> None:
+    """What a model version (or run) was made of: parent versions, RLHF steps, reward models, preference batches and
+    exports, SFT model and data, base model, tokenizer and token shards, mixture, curated shards, raw files; each with
+    its digest, MLflow run and store path."""
+    if fmt not in ("text", "json"):
+        _fail(ValueError(f"--format: {fmt!r} is not text or json"))
+    settings = _setup(start_servers=False)
+    from stages.errors import HerdError
+    from tasks import lineage
+
+    if not settings.external_mlflow:
+        from herd import servers
+
+        servers.ensure_up(settings)
+    try:
+        tree = lineage.lineage(ref)
+    except HerdError as exc:
+        _fail(exc)
+    bad = [r for r in lineage.check_digests(tree) if not r["ok"]] if check else []
+    typer.echo(json.dumps(tree | ({"digest_mismatches": bad} if check else {}), indent=2) if fmt == "json"
+               else lineage.render(tree, settings.home))
+    if check and fmt != "json":
+        typer.echo("\ndigests: " + ("every store path hashes to its recorded digest" if not bad else
+                                     "; ".join(f"{r['name']} {r['path']}: {'missing' if r['missing'] else 'differs'}"
+                                               for r in bad)))
+    if bad:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

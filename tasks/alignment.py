@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -15,8 +16,11 @@ from stages.collect import CollectConfig
 from stages.common import config_hash, tree_sha256
 from stages.evaluate import evaluate_policy
 from stages.reward import RewardScorer
+from tasks.lineage import attach as attach_lineage
 from tasks.rewards import pools
 from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, run_url, stage_run
+
+log = logging.getLogger(__name__)
 
 REGISTERED = "policy"
 MODEL_CODE = Path(__file__).with_name("policy_pyfunc.py")
@@ -157,20 +161,34 @@ def register_policy_task(round_index: int, policy_dir: str, steps: list[dict], p
                          evaluation: dict, rms: dict[str, dict], batches: list[str], max_new_tokens: int,
                          rule: ChampionRule, parent_run_id: str | None) -> dict:
     """Register RLHF-V(n) as a version of ``policy`` with its lineage; alias ``rlhf-v<n>``; move ``champion``
-    by ``rule`` against the current champion (SFT when there is none): tag ``champion_decision`` says why."""
-    with stage_run(f"alignment/v{round_index}/register", None, parent_run_id,
-                   tags={"herd.round": str(round_index)}) as rid:
-        info = mlflow.pyfunc.log_model(name="policy", python_model=str(MODEL_CODE), artifacts={"model": policy_dir},
-                                       model_config={"max_new_tokens": max_new_tokens},
-                                       pip_requirements=["torch", "transformers", "pandas"],
-                                       registered_model_name=REGISTERED)
-        log_dataset("policy", policy_dir, tree_sha256(policy_dir, "*.safetensors"), "output")
-        log_dataset("parent-policy", parent["model_dir"], tree_sha256(parent["model_dir"], "*.safetensors"), "parent")
-    version = str(info.registered_model_version)
+    by ``rule`` against the current champion (SFT when there is none): tag ``champion_decision`` says why.
+
+    Idempotent: a rerun of a crashed or killed round finds the version it registered for round ``n`` with the same
+    weights (tagged ``herd.round`` and ``herd.digest`` as it is created) and sets its tags and aliases again, so a
+    round number has exactly one version. The lineage (``lineage.json``, ``lineage.png``) goes to the version's run.
+    """
+    digest = tree_sha256(policy_dir, "*.safetensors")
+    known = registered_round(round_index, digest)
+    if known is None:
+        with stage_run(f"alignment/v{round_index}/register", None, parent_run_id,
+                       tags={"herd.round": str(round_index)}) as rid:
+            info = mlflow.pyfunc.log_model(name="policy", python_model=str(MODEL_CODE),
+                                           artifacts={"model": policy_dir},
+                                           model_config={"max_new_tokens": max_new_tokens},
+                                           pip_requirements=["torch", "transformers", "pandas"])
+            log_dataset("policy", policy_dir, digest, "output")
+            log_dataset("parent-policy", parent["model_dir"], tree_sha256(parent["model_dir"], "*.safetensors"),
+                        "parent")
+            # tagged as it is created: a crash right after still leaves a version a rerun recognises
+            mv = mlflow.register_model(info.model_uri, REGISTERED, tags={
+                "herd.round": str(round_index), "herd.digest": digest, "herd.model_dir": policy_dir})
+        version = str(mv.version)
+    else:
+        version, rid = str(known.version), known.run_id
     client = mlflow.MlflowClient()
     vs_key = "champion" if champion and "champion" in evaluation["vs"] else "sft"
     judged = evaluation["vs"][vs_key]["judge"]
-    tags = {"herd.round": str(round_index), "herd.model_dir": policy_dir,
+    tags = {"herd.round": str(round_index), "herd.model_dir": policy_dir, "herd.digest": digest,
             "herd.algorithms": ",".join(s["algorithm"] for s in steps),
             "herd.parent_version": str(parent["version"]), "herd.parent_model_dir": parent["model_dir"],
             "herd.batches": ",".join(Path(b).name for b in batches),
@@ -191,12 +209,30 @@ def register_policy_task(round_index: int, policy_dir: str, steps: list[dict], p
     client.set_registered_model_alias(REGISTERED, f"rlhf-v{round_index}", version)
     if promoted:
         client.set_registered_model_alias(REGISTERED, "champion", version)
+    try:
+        attach_lineage(REGISTERED, version)
+    except Exception as exc:  # noqa: BLE001 - the version stands without its figure; `herd lineage` still reads it
+        log.warning("lineage of %s v%s not attached: %s", REGISTERED, version, exc)
     publish_markdown(f"policy-v{round_index}", f"# policy v{version} = RLHF-V{round_index}\n\n"
                      f"algorithms: {tags['herd.algorithms']}; parent: v{parent['version']}; batches: "
                      f"{tags['herd.batches']}; RMs: helpfulness v{tags['herd.rm_helpfulness_version']}, safety "
                      f"v{tags['herd.rm_safety_version']}\n\njudge win rate vs {vs_key}: {judged['win_rate']:.3f}; "
                      f"champion {'moved to this version' if promoted else 'unchanged'} ({reason})\n\n"
-                     f"MLflow run: {run_url(rid)}\n",
+                     f"{'(registered before this rerun) ' if known else ''}lineage: `herd lineage "
+                     f"models:/{REGISTERED}/{version}` (lineage.png on the run). MLflow run: {run_url(rid)}\n",
                      f"RLHF-V{round_index} registered")
     return {"name": REGISTERED, "version": int(version), "alias": f"rlhf-v{round_index}", "champion": promoted,
-            "vs": vs_key, "champion_decision": reason}
+            "vs": vs_key, "champion_decision": reason, "reused": known is not None}
+
+
+def registered_round(round_index: int, digest: str):
+    """The ``policy`` version registered for round ``round_index`` with weights ``digest`` (None if none)."""
+    for v in _versions():
+        if v.tags.get("herd.round") != str(round_index):
+            continue
+        known = v.tags.get("herd.digest")
+        if known is None and Path(v.tags.get("herd.model_dir", "")).is_dir():  # registered before herd.digest
+            known = tree_sha256(v.tags["herd.model_dir"], "*.safetensors")
+        if known == digest:
+            return v
+    return None

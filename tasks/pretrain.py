@@ -13,11 +13,14 @@ from pathlib import Path
 import mlflow
 from prefect import task
 
-from stages.common import config_hash, store_key
+from stages.common import config_hash, file_sha256, store_key, tree_sha256
 from stages.model import ModelConfig, num_params, scaling_params
 from stages.pretrain import PretrainConfig, TokenSplit, pretrain
 from stages.scaling import SweepConfig
-from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, run_url, stage_run
+from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, register_folder, run_url, \
+    stage_run
+
+REGISTERED = "base"
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The history of", "def main(", "Four score and seven years ago", "A dictionary is"]
@@ -92,23 +95,32 @@ def pretrain_task(cfg: PretrainConfig, size: str, fit: dict | None, sweep: Sweep
         metrics |= {"num_params": float(num_params(model_cfg, vocab)), "total_params": float(res.get("num_params", 0)),
                     "scaling_params": float(scaling_params(model_cfg, vocab))}
         mlflow.log_metrics(metrics)
-        log_dataset("tokens-train", data["train"], data.get("digest", ""), "input")
-        log_dataset("tokens-heldout", data["heldout"], data.get("digest", ""), "input")
+        inputs = {"tokens_train": (data["train"], tree_sha256(data["train"])),
+                  "tokens_heldout": (data["heldout"], tree_sha256(data["heldout"]))}
+        if tokenizer.get("path") and (Path(tokenizer["path"]) / "tokenizer.json").is_file():
+            inputs["tokenizer"] = (tokenizer["path"], file_sha256(Path(tokenizer["path"]) / "tokenizer.json"))
+        for key, (path, digest) in inputs.items():
+            log_dataset(key.replace("_", "-"), path, digest, "input")
         model_dir = Path(res["model_dir"])
         samples = _samples(model_dir, tokenizer["path"])
         mlflow.log_text("\n\n".join(f"### {s['prompt']}\n{s['prompt']}{s['completion']}" for s in samples),
                         "samples.md")
         mlflow.log_artifacts(str(model_dir), "model")
-        log_dataset("model", str(model_dir), config_hash(res), "output")
+        digest = tree_sha256(model_dir, "*.safetensors")
+        log_dataset("model", str(model_dir), digest, "output")
+        version = register_folder(REGISTERED, rid, "model", str(model_dir), digest,
+                                  {f"herd.{k}": p for k, (p, _) in inputs.items()}
+                                  | {f"herd.{k}_digest": d for k, (_, d) in inputs.items()} | {"herd.size": size})
     rows = [{"source": s, "held-out loss": round(v, 4)} for s, v in (res.get("heldout_loss_by_source") or {}).items()]
     publish_markdown("pretrain", f"# Pretraining ({size}: {metrics.get('num_params', 0):.3g} params, "
                      f"{metrics.get('tokens', 0):.3g} tokens)\n\nfinal train loss {res['final_loss']:.4f}, held-out "
                      f"{res.get('heldout_loss') or float('nan'):.4f}; {res['tokens_per_s']:.0f} tokens/s, MFU "
                      f"{100 * res['mfu']:.1f}%\n\n{markdown_table(rows)}\n\n## Samples\n\n"
                      + "".join(f"- **{s['prompt']}**{s['completion']!r}\n" for s in samples)
-                     + f"\nMLflow run: {run_url(rid)}\n", "pretraining result")
+                     + f"\nRegistered as `{REGISTERED}` v{version}. MLflow run: {run_url(rid)}\n", "pretraining result")
     return {**{k: res.get(k) for k in ("final_loss", "heldout_loss", "heldout_loss_by_source", "tokens",
                                        "tokens_per_s", "mfu", "model_dir")},
             "num_params": num_params(model_cfg, vocab), "total_params": res.get("num_params"),
             "scaling_params": scaling_params(model_cfg, vocab),
-            "size": size, "model": model_cfg.model_dump(mode="json"), "samples": samples}
+            "size": size, "model": model_cfg.model_dump(mode="json"), "samples": samples,
+            "registered": {"name": REGISTERED, "version": version}}

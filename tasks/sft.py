@@ -10,7 +10,10 @@ from prefect import task
 from stages.common import config_hash, file_sha256, tree_sha256, store_key
 from stages.sft import SFTConfig, sft
 from stages.sft_data import SFTDataConfig, build_sft_data, read_conversations
-from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, run_url, stage_run
+from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, register_folder, run_url, \
+    stage_run
+
+REGISTERED = "sft"
 
 
 @task(task_run_name="sft-data")
@@ -29,13 +32,16 @@ def sft_data_task(cfg: SFTDataConfig, store: str, cache: str, parent_run_id: str
 def sft_task(cfg: SFTConfig, base_model: str, tokenizer: str, data: dict, store: str,
              parent_run_id: str | None) -> dict:
     base_digest = tree_sha256(base_model, "*.safetensors")
+    conversations = Path(data["path"]) / "conversations.jsonl.gz"
+    inputs = {"base_model": (base_model, base_digest), "sft_data": (str(conversations), file_sha256(conversations)),
+              "tokenizer": (tokenizer, file_sha256(Path(tokenizer) / "tokenizer.json"))}
     out = Path(store) / "sft" / config_hash("sft", cfg.train, cfg.tokenize, cfg.epochs, base_digest, store_key(data["path"], store),
-                                           file_sha256(Path(tokenizer) / "tokenizer.json"))
+                                           inputs["tokenizer"][1])
     with stage_run("sft/train", cfg.train, parent_run_id, tags={"herd.base_model": base_model}) as rid:
         mlflow.log_params({"epochs": cfg.epochs, "base_model": base_model})
         log_dataset("base-model", base_model, base_digest, "input")
-        log_dataset("sft-conversations", str(Path(data["path"]) / "conversations.jsonl.gz"),
-                    file_sha256(Path(data["path"]) / "conversations.jsonl.gz"), "input")
+        log_dataset("sft-conversations", *inputs["sft_data"], "input")
+        log_dataset("tokenizer", *inputs["tokenizer"], "input")
         with MlflowSink(rid) as sink:
             res = sft(cfg, base_model, tokenizer, read_conversations(Path(data["path"])), out, sink=sink)
         tr = res.train
@@ -44,10 +50,16 @@ def sft_task(cfg: SFTConfig, base_model: str, tokenizer: str, data: dict, store:
                            | {f"heldout_loss_{k}": v for k, v in tr.heldout_loss_by_source.items()}
                            | {f"{s}_scored_tokens": float(v["scored_tokens"]) for s, v in res.tokens["splits"].items()})
         mlflow.log_artifacts(res.model_dir, "model")
-        log_dataset("sft-model", res.model_dir, tree_sha256(res.model_dir, "*.safetensors"), "output")
+        digest = tree_sha256(res.model_dir, "*.safetensors")
+        log_dataset("sft-model", res.model_dir, digest, "output")
+        version = register_folder(REGISTERED, rid, "model", res.model_dir, digest,
+                                  {f"herd.{k}": p for k, (p, _) in inputs.items()}
+                                  | {f"herd.{k}_digest": d for k, (_, d) in inputs.items()})
     rows = [{"split": s, **v} for s, v in res.tokens["splits"].items()]
     publish_markdown("sft", f"# Supervised fine-tuning\n\n{res.steps} steps ({cfg.epochs} epochs), final loss "
                      f"{tr.final_loss:.4f}, held-out answer loss {tr.heldout_loss if tr.heldout_loss is not None else '-'}"
-                     f"\n\n{markdown_table(rows)}\n\nModel: `{res.model_dir}`\n\nMLflow run: {run_url(rid)}\n", "SFT")
+                     f"\n\n{markdown_table(rows)}\n\nModel: `{res.model_dir}`, registered as `{REGISTERED}` "
+                     f"v{version}\n\nMLflow run: {run_url(rid)}\n", "SFT")
     return {"model_dir": res.model_dir, "steps": res.steps, "final_loss": tr.final_loss,
-            "heldout_loss": tr.heldout_loss, "tokens": res.tokens["splits"], "base_model": base_model}
+            "heldout_loss": tr.heldout_loss, "tokens": res.tokens["splits"], "base_model": base_model,
+            "registered": {"name": REGISTERED, "version": version}}

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "herd"
+DIGEST_CHARS = 36  # MLflow keeps a dataset digest this long
 
 
 def _prefect_ids() -> dict[str, str]:
@@ -129,7 +130,7 @@ def log_dataset(name: str, uri: str, digest: str, context: str, rows: int | None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(uri)
-    ds = MetaDataset(source=source, name=name, digest=digest[:36])
+    ds = MetaDataset(source=source, name=name, digest=digest[:DIGEST_CHARS])
     tags = {"herd.rows": str(rows)} if rows is not None else None
     try:
         mlflow.log_input(ds, context=context, tags=tags)
@@ -139,6 +140,24 @@ def log_dataset(name: str, uri: str, digest: str, context: str, rows: int | None
         if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc):
             raise
         mlflow.log_input(ds, context=context, tags=tags)
+
+
+def register_folder(name: str, run_id: str, artifact_path: str, model_dir: str, digest: str,
+                    tags: dict[str, str]) -> int:
+    """Register the model folder logged at ``runs:/<run_id>/<artifact_path>`` as a version of ``name``, tagged with
+    its folder, weights digest and inputs (``tags``); a rerun that made the same folder with the same weights gets
+    the version registered before instead of a new one."""
+    client = mlflow.MlflowClient()
+    try:
+        for v in client.search_model_versions(f"name='{name}'"):
+            if v.tags.get("herd.model_dir") == model_dir and v.tags.get("herd.digest") == digest:
+                return int(v.version)
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:  # registered already (or meanwhile)
+        pass
+    v = client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+                                    tags={"herd.model_dir": model_dir, "herd.digest": digest, **tags})
+    return int(v.version)
 
 
 class MlflowSink:
