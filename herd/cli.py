@@ -24,13 +24,28 @@ class _HerdTyper(typer.Typer):
     def __call__(self, *args, **kwargs):
         try:
             return super().__call__(*args, **kwargs)
-        except HerdError as exc:
+        except Exception as exc:  # noqa: BLE001
+            msg = str(exc) if isinstance(exc, HerdError) else _unauthorized(exc)
+            if msg is None:
+                raise
             if _VERBOSE:
                 import traceback
 
                 traceback.print_exc()
-            _echo_error(exc)
+            _echo_error(msg)
             sys.exit(2)
+
+
+def _unauthorized(exc: BaseException) -> str | None:
+    """A team server refusing herd's requests (HTTP 401): what to set, instead of a client library's traceback."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status == 401 and type(exc).__module__.startswith(("prefect", "httpx")):
+        return (f"the Prefect API at {getattr(getattr(exc, 'request', None), 'url', 'PREFECT_API_URL')} refused herd "
+                f"(401 Unauthorized): set PREFECT_API_AUTH_STRING=user:password")
+    if type(exc).__module__.startswith("mlflow") and ("error code 401" in str(exc) or "401" in str(exc)[:200]):
+        return ("the MLflow server refused herd (401 Unauthorized): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD")
+    return None
 
 
 def _echo_error(exc: BaseException | str) -> None:

@@ -213,7 +213,10 @@ def smoke() -> PipelineConfig:
         ingest=base.ingest.derive(shards=2).model_dump(),
         executor=base.executor.derive(tasks=2, workers=2).model_dump(),
     )
-    return PipelineConfig(name="smoke", fetch=smoke_fetch(), curation=curation, mix=MixConfig(),
+    # a handful of documents per source: curation may leave a source (the short QA pairs) with none, so the mix
+    # renormalises the other shares instead of refusing
+    return PipelineConfig(name="smoke", fetch=smoke_fetch(), curation=curation,
+                          mix=MixConfig(missing_sources="renormalise"),
                           pretraining=_smoke_pretraining(), sft=_smoke_sft(), preferences=_smoke_preferences(),
                           rewards=_smoke_rewards(), alignment=_smoke_alignment(),
                           benchmarks=HarnessConfig(tasks="core", limit=16, n_boot=20))

