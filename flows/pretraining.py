@@ -130,10 +130,12 @@ def pretrain_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | 
         raise ValueError(f"the scaling fit at {fit_path} recommends a size for C={fit_obj['recommendation']['C']:.3g}, "
                          f"but pretraining.budget is {config.budget:.3g}: run `herd scaling fit --budget "
                          f"{config.budget:.3g}` or set the budget to match")
-    tokenizer = {"path": get_latest(s.home, "tokenizer") or ""}
+    # the tokenizer those shards were made with (their manifest names it), else the latest one trained
+    made_with = json.loads((Path(data["path"]) / "manifest.json").read_text()).get("tokenizer_dir")
+    tokenizer = {"path": made_with if made_with and Path(made_with).is_dir() else get_latest(s.home, "tokenizer") or ""}
     with parent_run("pretrain", config.train, parent_run_id) as run_id:
         res = pretrain_task(config.train, config.size, fit_obj, config.sweep, data, tokenizer, str(s.store),
                             config.nproc, run_id)
         report("pretrain", {})
-    set_latest(s.home, model=res["model_dir"])
+    set_latest(s.home, model=res["model_dir"], **({"tokenizer": tokenizer["path"]} if tokenizer["path"] else {}))
     return res

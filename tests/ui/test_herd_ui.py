@@ -379,7 +379,18 @@ def test_killed_worker_mid_round_crashes_the_run_and_the_round_resumes(ui_round,
     run_id = _start_round(stack)
     state, _ = _wait_state(stack, run_id, {"RUNNING", "COMPLETED", "FAILED", "CRASHED"}, 120)
     assert state == "RUNNING", f"round 2 is {state}; worker log:\n{log_tail(stack.worker_log)}"
-    time.sleep(15)  # into its stages (reward models, rejection sampling)
+    # in the middle: while RLHF-V2's policy step writes its output (its folder has no manifest yet), before the
+    # round registers anything
+    def writing() -> set[Path]:
+        return {d for algo in ("rejection_sampling", "ppo", "dpo") for d in (home / "store" / "alignment" / algo).glob("*")
+                if d.is_dir() and not d.name.startswith(".") and not (d / "manifest.json").exists()}
+
+    deadline = time.monotonic() + ROUND_TIMEOUT_S
+    while not writing():
+        assert _state(stack, run_id) == "RUNNING", "round 2 ended before its policy step: nothing was tested"
+        assert time.monotonic() < deadline, "round 2 started no policy step"
+        time.sleep(0.5)
+    time.sleep(1.0)
     assert _state(stack, run_id) == "RUNNING", "round 2 ended before the kill: nothing was tested"
 
     worker_pid = int((home / "run" / "worker-herd-local.pid").read_text())
