@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._store import half_written
 from tests.test_cli import _free_port
 
 pytestmark = pytest.mark.slow
@@ -92,20 +93,6 @@ def _kill_midway(env: dict, stage: str, *args: str, ready=None, after: float = 1
     assert proc.returncode == -signal.SIGKILL
 
 
-def _half_written(store: Path) -> list[str]:
-    """Files of the store outside any complete stage output (a folder holding manifest.json), leaving out the hidden
-    temporary folders a killed stage leaves (never read: outputs are found by their final names) and the store's
-    own top-level ledgers."""
-    bad = []
-    for f in store.rglob("*"):
-        rel = f.relative_to(store)
-        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or len(rel.parts) <= 2:
-            continue
-        if not any((store / Path(*rel.parts[:k]) / "manifest.json").is_file() for k in range(1, len(rel.parts))):
-            bad.append(str(rel))
-    return bad
-
-
 def _docs(folder: Path) -> list[tuple]:
     out = []
     for p in sorted(folder.rglob("*.jsonl.gz")):
@@ -164,4 +151,4 @@ def test_killed_curate_pretrain_and_sft_rerun_to_identical_outputs(homes):
     assert _sha(_model_file(homes_["killed"], "sft")) == _sha(_model_file(homes_["whole"], "sft"))
 
     for h in homes_.values():
-        assert not _half_written(h / "store"), _half_written(h / "store")
+        assert not half_written(h / "store"), half_written(h / "store")

@@ -145,7 +145,7 @@ def test_smoke_pipeline_and_a_round_ran_against_the_team_servers(cli, team):
     assert rnd["registered"]["version"] == 2
 
 
-def test_mlflow_holds_runs_models_and_proxied_artifacts(cli, team, mlflow_client):
+def test_mlflow_holds_runs_models_and_proxied_artifacts(cli, team, mlflow_client, tmp_path):
     import mlflow
 
     client = mlflow_client
@@ -160,7 +160,10 @@ def test_mlflow_holds_runs_models_and_proxied_artifacts(cli, team, mlflow_client
     run = client.get_run(cli["report_run"])
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri
     local = json.loads((cli["home"] / "reports" / cli["report_run"] / "report.json").read_text())
-    assert mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/report.json") == local
+    # tracking_uri named: another module may have set mlflow's process-wide URI, which wins over the environment
+    got = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run.info.run_id}/report.json",
+                                              dst_path=str(tmp_path), tracking_uri=team.mlflow_url)
+    assert json.loads(Path(got).read_text()) == local
     stored = team.artifacts / run.info.artifact_uri.removeprefix("mlflow-artifacts:/") / "report.json"
     assert json.loads(stored.read_text()) == local
     proxied = f"{team.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/" + \
@@ -177,7 +180,8 @@ def test_mlflow_holds_runs_models_and_proxied_artifacts(cli, team, mlflow_client
         newest = max(versions, key=lambda v: int(v.version))
         where = client.get_model_version_download_uri(name, newest.version)
         assert where.startswith("mlflow-artifacts:/"), (name, where)
-        files = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=where)}
+        files = {Path(a.path).name
+                 for a in mlflow.artifacts.list_artifacts(artifact_uri=where, tracking_uri=team.mlflow_url)}
         assert "MLmodel" in files, (name, files)
         assert (team.artifacts / where.removeprefix("mlflow-artifacts:/") / "MLmodel").is_file()
 

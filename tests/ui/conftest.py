@@ -15,6 +15,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -138,12 +140,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_json(url: str, body: dict | None = None, timeout: float = 30.0):
-    req = urllib.request.Request(url, method="POST" if body is not None else "GET",
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read() or b"null")
+def http_json(url: str, body: dict | None = None, timeout: float = 30.0, tries: int = 6):
+    """GET (or POST ``body``) and parse the JSON answer. A 503 (the SQLite-backed server busy, as under the whole
+    suite's load) is retried with backoff, as Prefect's own client does."""
+    for attempt in range(tries):
+        req = urllib.request.Request(url, method="POST" if body is not None else "GET",
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == tries - 1:
+                raise
+            time.sleep(2 ** attempt)
 
 
 def log_tail(path: Path, n: int = 4000) -> str:

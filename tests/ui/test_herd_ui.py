@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from herd.deployments import ZOMBIE_AFTER_SECONDS
+from tests._store import half_written
 from tests.ui.conftest import HERD, ROOT, log_tail, new_page
 
 pytestmark = [pytest.mark.ui, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -360,19 +361,6 @@ def _start_round(stack) -> str:
     return stack.prefect_api(f"/deployments/{dep['id']}/create_flow_run", {"parameters": smoke_parameters()})["id"]
 
 
-def _half_written(store: Path) -> list[str]:
-    """Files of the store outside any complete stage output (a folder holding manifest.json) and outside the
-    hidden temporary folders a killed stage leaves (never read: outputs are found by their final names)."""
-    bad = []
-    for f in store.rglob("*"):
-        rel = f.relative_to(store)
-        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or len(rel.parts) <= 2:
-            continue
-        if not any((store / Path(*rel.parts[:k]) / "manifest.json").is_file() for k in range(1, len(rel.parts))):
-            bad.append(str(rel))
-    return bad
-
-
 def test_killed_worker_mid_round_crashes_the_run_and_the_round_resumes(ui_round, herd_stack):
     assert ui_round["run"]["state"]["type"] == "COMPLETED"
     stack, home = herd_stack, herd_stack.home
@@ -422,4 +410,4 @@ def test_killed_worker_mid_round_crashes_the_run_and_the_round_resumes(ui_round,
                     int({t["key"]: t["value"] for t in v.get("tags", [])}.get("herd.round", 0))
                     for v in stack.mlflow_api("/model-versions/search", filter="name='policy'")["model_versions"])
     assert rounds == [1, 2], f"policy versions by round: {rounds} (one per round, no gap)"
-    assert not _half_written(home / "store"), _half_written(home / "store")
+    assert not half_written(home / "store"), half_written(home / "store")
