@@ -8,14 +8,19 @@ herd points both at the servers it starts itself on loopback.
 Each home has its own loopback ports, picked on first use and kept in ``$HERD_HOME/run/ports.json``: 4200
 (Prefect) and 5000 (MLflow) when free, else free ports the system hands out, so several homes run side by side.
 A recorded port that another program has taken meanwhile (while this home's server is down) is picked anew.
+Which home holds which ports is also kept machine-wide (``$XDG_STATE_HOME/herd/homes.json``), so a new home never
+takes the ports of one whose servers are down.
 ``HERD_PREFECT_PORT`` / ``HERD_MLFLOW_PORT`` override.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,29 +99,66 @@ def _server_alive(home: Path, name: str) -> bool:
     return True
 
 
+def _registry_path() -> Path:
+    """The machine-wide record of which home holds which ports (one per user), so a home whose servers are down
+    keeps its ports: ``$XDG_STATE_HOME/herd/homes.json`` (default ``~/.local/state``)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "herd" / "homes.json"
+
+
+@contextmanager
+def _registry() -> Iterator[dict[str, dict[str, int]]]:
+    """The registry under an exclusive lock; homes whose folder is gone are dropped; written back atomically."""
+    path = _registry_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a+")
+    except OSError:  # read-only home directory: no registry, ports are still checked by binding
+        yield {}
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            homes = json.loads(path.read_text())
+            homes = {h: {k: int(v) for k, v in p.items()} for h, p in homes.items() if isinstance(p, dict)}
+        except (OSError, ValueError, AttributeError):
+            homes = {}
+        homes = {h: p for h, p in homes.items() if (Path(h) / "run" / "ports.json").exists()}
+        before = json.dumps(homes, sort_keys=True)
+        yield homes
+        if json.dumps(homes, sort_keys=True) != before:
+            tmp = path.with_name(f".homes.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(homes, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+
+
 def home_ports(home: Path) -> dict[str, int]:
     """This home's loopback ports (``run/ports.json``), picked on first use: the default when free, else any free
-    port. A recorded port held by another program while this home's server is down is picked anew."""
+    port. Ports recorded by another home on this machine are never picked, even while its servers are down. A
+    recorded port held by another program while this home's server is down is picked anew."""
     path = home / "run" / "ports.json"
     try:
         ports = {k: int(v) for k, v in json.loads(path.read_text()).items() if k in DEFAULT_PORTS}
     except (OSError, ValueError, AttributeError):
         ports = {}
-    changed = False
-    for name, default in DEFAULT_PORTS.items():
-        port = ports.get(name)
-        if port is not None and (_server_alive(home, name) or _bindable(port)):
-            continue
-        taken = {p for k, p in ports.items() if k != name}
-        port = default if default not in taken and _bindable(default) else _free_port()
-        while port in taken:
-            port = _free_port()
-        ports[name], changed = port, True
-    if changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".ports.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(ports))
-        os.replace(tmp, path)
+    with _registry() as homes:
+        others = {p for h, claimed in homes.items() if h != str(home) for p in claimed.values()}
+        changed = False
+        for name, default in DEFAULT_PORTS.items():
+            port = ports.get(name)
+            if port is not None and (_server_alive(home, name) or (port not in others and _bindable(port))):
+                continue
+            taken = others | {p for k, p in ports.items() if k != name}
+            port = default if default not in taken and _bindable(default) else _free_port()
+            while port in taken:
+                port = _free_port()
+            ports[name], changed = port, True
+        if changed or not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".ports.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(ports))
+            os.replace(tmp, path)
+        homes[str(home)] = dict(ports)
     return ports
 
 

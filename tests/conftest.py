@@ -17,6 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_CACHE = ROOT / ".herd" / "cache"
 
 
+def pytest_configure(config):
+    """The homes tests create claim their ports in a registry of the test session, not the user's
+    (``~/.local/state/herd/homes.json``), so a later `make demo` still gets 4200/5000."""
+    import tempfile
+
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="herd-test-state-")
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -153,12 +154,13 @@ def test_refuses_servers_that_belong_to_another_home(env, tmp_path: Path) -> Non
 def test_each_home_gets_its_own_free_ports(tmp_path: Path, monkeypatch) -> None:
     """Two homes never share ports; a home keeps its ports; a recorded port that another program took while the
     home's servers were down is picked anew; HERD_*_PORT override."""
-    from herd.settings import load_settings
+    from herd.settings import DEFAULT_PORTS, _bindable, load_settings
 
     for k in ("HERD_PREFECT_PORT", "HERD_MLFLOW_PORT", "PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("HERD_HOME", str(tmp_path / "a"))
-    a = load_settings()
+    a = load_settings()  # a's servers are down: its ports are free to bind, yet b must not take them
     monkeypatch.setenv("HERD_HOME", str(tmp_path / "b"))
     with socket.socket() as held:  # a program holding home a's Prefect port
         held.bind(("127.0.0.1", a.prefect_port))
@@ -172,6 +174,15 @@ def test_each_home_gets_its_own_free_ports(tmp_path: Path, monkeypatch) -> None:
         assert moved.prefect_port != a.prefect_port and moved.mlflow_port == a.mlflow_port
         assert moved.prefect_api_url == f"http://127.0.0.1:{moved.prefect_port}/api"
     assert load_settings().prefect_port == moved.prefect_port  # kept once picked
+    homes = json.loads((tmp_path / "state" / "herd" / "homes.json").read_text())
+    assert homes == {str(tmp_path / "a"): {"prefect": moved.prefect_port, "mlflow": moved.mlflow_port},
+                     str(tmp_path / "b"): {"prefect": b.prefect_port, "mlflow": b.mlflow_port}}
+    shutil.rmtree(tmp_path / "a")  # a home deleted gives its ports back
+    monkeypatch.setenv("HERD_HOME", str(tmp_path / "c"))
+    c = load_settings()
+    assert not {c.prefect_port, c.mlflow_port} & {b.prefect_port, b.mlflow_port}
+    for name, port in DEFAULT_PORTS.items():  # the defaults, free again, go to the next home
+        assert (getattr(c, f"{name}_port") == port) == _bindable(port)
     monkeypatch.setenv("HERD_PREFECT_PORT", "4999")
     assert load_settings().prefect_port == 4999
 
