@@ -853,6 +853,38 @@ def deploy(prefect_file: Path = typer.Option(PREFECT_YAML, "--prefect-file",
                     p.kill()
 
 
+@app.command("plan")
+def plan_cmd(flavour: str = typer.Option("8b", help="model shape: debug, tiny, small, 125m, 7b, 8b"),
+             nproc: int = typer.Option(8, help="GPUs"),
+             parallelism: str = typer.Option("fsdp", help="ddp (replicated) | fsdp (sharded per decoder layer)"),
+             seq_len: int = typer.Option(8192, "--seq-len", help="tokens per sequence"),
+             micro_batch: int = typer.Option(1, "--micro-batch", help="sequences per GPU per forward/backward"),
+             vocab_size: int = typer.Option(128_256, "--vocab-size", help="vocabulary (Llama 2: 32000)"),
+             n_kv_heads: Optional[int] = typer.Option(None, "--n-kv-heads", help="key/value heads, if not the "
+                                                      "flavour's"),
+             gpu: str = typer.Option("H100", help="accelerator (its bf16 dense peak): H100, H200, A100, L4, A10"),
+             gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="GiB per GPU"),
+             mfu: float = typer.Option(0.4, help="assumed model FLOPs utilisation"),
+             tokens: float = typer.Option(15e12, help="training tokens"),
+             as_json: bool = typer.Option(False, "--json", help="print the numbers as JSON")) -> None:
+    """A pretraining run on paper: per-GPU memory (model states, activations with and without checkpointing),
+    tokens/s at an assumed MFU and days for a token budget, from the FLOPs per token the trainer reports MFU with."""
+    from pydantic import ValidationError
+
+    from stages.errors import ConfigError
+    from stages.plan import PlanConfig, plan, render
+
+    try:
+        cfg = PlanConfig(flavour=flavour, nproc=nproc, parallelism=parallelism, seq_len=seq_len,
+                         micro_batch=micro_batch, vocab_size=vocab_size, n_kv_heads=n_kv_heads, gpu=gpu,
+                         gpu_memory_gib=gpu_memory, mfu=mfu, tokens=tokens)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        _fail(ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" if err["loc"] else err["msg"]))
+    res = plan(cfg)
+    typer.echo(json.dumps(res, indent=2) if as_json else render(res))
+
+
 @app.command("lineage")
 def lineage_cmd(ref: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/NAME/VERSION (e.g. "
                                           "models:/policy@champion) or an MLflow run id"),
