@@ -410,7 +410,7 @@ def fit_isoflop(runs: Sequence[Sequence[float]], *, min_sizes: int = 3, budget_r
             continue
         res = fit_parabola(N[m], L[m])
         if res is None:
-            log.warning("isoflop: budget C=%.3g has no minimum (parabola opens downwards), skipped", c)
+            log.info("isoflop: budget C=%.3g has no minimum (parabola opens downwards), skipped", c)
             continue
         coeffs, n_opt, loss_min = res
         lo, hi = float(N[m].min()), float(N[m].max())
