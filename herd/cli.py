@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -132,10 +133,10 @@ def _fail(exc: Exception | str) -> None:
 class _Bar:
     """A tqdm bar over a flow's stages, fed by ``tasks.progress``."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, desc: str, file=None):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(total=total, desc=desc, unit="stage", file=file or sys.stderr, dynamic_ncols=True)
 
     def __call__(self, stage: str, info: dict) -> None:
         self.bar.set_postfix_str(f"{stage}: " + ", ".join(f"{k}={info[k]}" for k in ("in", "kept", "docs")
@@ -149,21 +150,77 @@ class _Bar:
         self.bar.close()
 
 
+class _AboveBar:
+    """A text stream that prints whole lines above the progress bar (``tqdm.write``) on the terminal."""
+
+    def __init__(self, term):
+        self.term, self.buf = term, ""
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            tqdm.write(line, file=self.term)
+        return len(text)
+
+    def flush(self) -> None:
+        self.term.flush()
+
+
+@contextlib.contextmanager
+def _console_to_log(log_path: Path):
+    """While a flow runs, everything written to file descriptors 1 and 2 goes to ``log_path``: library prints and
+    progress bars (MLflow, transformers), datatrove's loguru lines, Python warnings, worker subprocesses. Yields
+    the terminal (a copy of stderr) for herd's bar; herd's console log handler prints above the bar."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    term = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)]
+    streams = [h.stream for h in consoles]
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    for h in consoles:
+        h.setStream(_AboveBar(term))
+    try:
+        yield term
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for h, stream in zip(consoles, streams):
+            h.setStream(stream)
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log_fd):
+            os.close(fd)
+        term.close()
+
+
 def _with_bar(total: int, desc: str, fn):
+    """Run ``fn`` under one progress bar. Unless ``-v``, library output goes to ``$HERD_HOME/logs/herd.log``."""
     from tasks import progress
 
-    import contextlib
-
-    bar = _Bar(total, desc)
-    progress.set_listener(bar)
-    progress.set_item_listener(bar.items)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # run links MLflow prints; stdout is the command's JSON
+    with contextlib.ExitStack() as stack:
+        term = None
+        if not _VERBOSE:
+            home = load_settings().home
+            (home / "logs").mkdir(parents=True, exist_ok=True)
+            term = stack.enter_context(_console_to_log(home / "logs" / "herd.log"))
+        else:
+            stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # stdout is the command's JSON
+        bar = _Bar(total, desc, file=term)
+        progress.set_listener(bar)
+        progress.set_item_listener(bar.items)
+        try:
             return fn()
-    finally:
-        progress.set_listener(None)
-        progress.set_item_listener(None)
-        bar.close()
+        finally:
+            progress.set_listener(None)
+            progress.set_item_listener(None)
+            bar.close()
 
 
 def _run(total: int, desc: str, fn):
@@ -560,7 +617,7 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
         n_align += sum(_round_steps(cfg.alignment, n) for n in range(1, cfg.alignment.rounds + 1))
         n_align += 2 + 1  # benchmarks of the base and SFT models, the report card
         res = _with_bar(len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling + n_align, "demo",
-                        lambda: pipeline_flow(cfg))
+                        lambda: _alongside(pipeline_flow, cfg, settings))
     except HerdError as exc:
         _fail(exc)
     typer.echo(res["report"]["markdown"])
@@ -568,14 +625,27 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
                f"{res['report']['path']}/pipeline.json")
     (Path(res["report"]["path"]) / "pipeline.json").write_text(json.dumps(res, indent=2, default=str))
     if not settings.external_prefect:  # the UI ready to use: deployments registered, a worker and the watcher
-        from herd import servers
-
-        servers.start_services(settings)
         typer.echo("\nDeployments registered (alignment-round weekly, Mondays 03:00 UTC); a worker and the inbox "
                    "watcher run in the background (`herd status`).")
     typer.echo(f"\nPrefect UI: {settings.prefect_api_url.removesuffix('/api')}   MLflow UI: {settings.mlflow_tracking_uri}")
     typer.echo("Curated corpus: " + res["curation"]["output"] + "   Mixture: " + res["mix"]["output"])
     typer.echo("Stop the servers, the worker and the watcher with: .venv/bin/herd down")
+
+
+def _alongside(pipeline, cfg, settings):
+    """Run the pipeline while, on the embedded default, the deployments are registered and the worker and the inbox
+    watcher start (the UI ready to use when the demo ends); the registration mostly waits on `prefect deploy`."""
+    if settings.external_prefect:
+        return pipeline(cfg)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from herd import servers
+
+    with ThreadPoolExecutor(1, thread_name_prefix="herd-services") as pool:
+        services = pool.submit(servers.start_services, settings)
+        res = pipeline(cfg)
+        services.result()
+    return res
 
 
 @app.command("report")
@@ -781,6 +851,38 @@ def deploy(prefect_file: Path = typer.Option(PREFECT_YAML, "--prefect-file",
                     p.wait(30)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+
+@app.command("plan")
+def plan_cmd(flavour: str = typer.Option("8b", help="model shape: debug, tiny, small, 125m, 7b, 8b"),
+             nproc: int = typer.Option(8, help="GPUs"),
+             parallelism: str = typer.Option("fsdp", help="ddp (replicated) | fsdp (sharded per decoder layer)"),
+             seq_len: int = typer.Option(8192, "--seq-len", help="tokens per sequence"),
+             micro_batch: int = typer.Option(1, "--micro-batch", help="sequences per GPU per forward/backward"),
+             vocab_size: int = typer.Option(128_256, "--vocab-size", help="vocabulary (Llama 2: 32000)"),
+             n_kv_heads: Optional[int] = typer.Option(None, "--n-kv-heads", help="key/value heads, if not the "
+                                                      "flavour's"),
+             gpu: str = typer.Option("H100", help="accelerator (its bf16 dense peak): H100, H200, A100, L4, A10"),
+             gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="GiB per GPU"),
+             mfu: float = typer.Option(0.4, help="assumed model FLOPs utilisation"),
+             tokens: float = typer.Option(15e12, help="training tokens"),
+             as_json: bool = typer.Option(False, "--json", help="print the numbers as JSON")) -> None:
+    """A pretraining run on paper: per-GPU memory (model states, activations with and without checkpointing),
+    tokens/s at an assumed MFU and days for a token budget, from the FLOPs per token the trainer reports MFU with."""
+    from pydantic import ValidationError
+
+    from stages.errors import ConfigError
+    from stages.plan import PlanConfig, plan, render
+
+    try:
+        cfg = PlanConfig(flavour=flavour, nproc=nproc, parallelism=parallelism, seq_len=seq_len,
+                         micro_batch=micro_batch, vocab_size=vocab_size, n_kv_heads=n_kv_heads, gpu=gpu,
+                         gpu_memory_gib=gpu_memory, mfu=mfu, tokens=tokens)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        _fail(ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" if err["loc"] else err["msg"]))
+    res = plan(cfg)
+    typer.echo(json.dumps(res, indent=2) if as_json else render(res))
 
 
 @app.command("lineage")

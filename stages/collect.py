@@ -31,6 +31,7 @@ from stages.common import StageConfig, atomic_dir, iter_jsonl, write_json_atomic
 from stages.annotator import AnnotatorConfig
 from stages.errors import DataValidationError, MissingAssetError
 from stages.policy import chat_prompt_ids
+from stages.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def prompt_pools(conversations: Sequence[dict], eval_fraction: float, seed: int 
 
 class GenerationConfig(StageConfig):
     max_new_tokens: int = Field(48, ge=1, description="tokens generated per response")
+    top_k: int = Field(50, ge=0, description="sample among the k most likely tokens (0: all); 50 is Hugging Face "
+                       "generate's default")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling")
     batch_size: int = Field(16, ge=1, description="prompts per generate call (left-padded, KV cache)")
     max_prompt_tokens: int = Field(192, ge=8, description="longer prompts keep their last tokens")
@@ -95,17 +98,10 @@ def generate(model, tok, prompts: Sequence[str | list[dict]], *, temperature: fl
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i:i + cfg.batch_size]
         ids = [chat_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in chunk]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=temperature > 0,
-                             temperature=temperature if temperature > 0 else None, top_p=cfg.top_p,
-                             max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=pad, use_cache=True)
-        for row in out[:, width:]:
-            toks = row.tolist()
-            cut = next((k for k, t in enumerate(toks) if t in stop), len(toks))
-            n_tokens += cut
-            outs.append(tok.decode(toks[:cut], skip_special_tokens=True).strip())
+        for toks in sample(model, ids, max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, stop=stop, pad=pad):
+            n_tokens += len(toks)
+            outs.append(tok.decode(toks, skip_special_tokens=True).strip())
     seconds = time.perf_counter() - t0
     return outs, {"tokens": float(n_tokens), "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9)}
 

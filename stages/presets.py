@@ -127,10 +127,12 @@ def _tiny_preferences() -> PreferenceLoopConfig:
 
 def _tiny_rewards() -> RewardsConfig:
     """Llama 2's RM recipe (one epoch, cosine to 10%, warmup 3% min 5, margins) with a small batch and a
-    higher peak learning rate for the demo's small trunk."""
+    higher peak learning rate for the demo's small trunk. Steps of pairs of similar length (``group_by_length``):
+    measured on the demo's batches (helpfulness RM, same seed), 2 batches: 25.7 s -> 13.4 s, held-out accuracy
+    0.626 -> 0.611 (270 pairs); 6 batches: 57.0 s -> 44.8 s, 0.674 -> 0.685 (832 pairs): equal within noise."""
     def rm(category: str, other: float) -> RMConfig:
         return RMConfig(category=category, other_ratio=other, lr=1e-3, batch_pairs=8, micro_pairs=8,
-                        max_tokens=192, num_threads=2)
+                        max_tokens=192, num_threads=2, group_by_length=50)
     return RewardsConfig(helpfulness=rm("helpfulness", 1.0), safety=rm("safety", 1.0 / 9.0))
 
 
@@ -238,7 +240,8 @@ def _smoke_preferences() -> PreferenceLoopConfig:
 
 def _smoke_rewards() -> RewardsConfig:
     def rm(category: str, other: float) -> RMConfig:
-        return RMConfig(category=category, other_ratio=other, lr=1e-3, batch_pairs=8, micro_pairs=8, max_tokens=96)
+        return RMConfig(category=category, other_ratio=other, lr=1e-3, batch_pairs=8, micro_pairs=8, max_tokens=96,
+                        group_by_length=50)
     return RewardsConfig(helpfulness=rm("helpfulness", 1.0), safety=rm("safety", 1.0 / 9.0))
 
 

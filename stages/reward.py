@@ -21,7 +21,7 @@ import hashlib
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,10 @@ class RMConfig(StageConfig):
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip")
     max_tokens: int = Field(256, ge=16, description="prompt + response tokens scored (the prompt is cut from the left)")
     heldout_fraction: float = Field(0.15, ge=0, lt=1, description="pairs of every batch held out for evaluation")
+    group_by_length: int = Field(0, ge=0, description="optimizer steps per length group: within each run of this "
+                                 "many steps the pairs are sorted by length, cut into steps, and the steps shuffled, "
+                                 "so a forward pads little (Hugging Face Trainer's group_by_length); 0: random "
+                                 "order (Llama 2)")
     num_threads: int = Field(0, ge=0, description="torch threads (0: leave the default)")
     seed: int = Field(0, description="data order and head init")
 
@@ -166,10 +170,12 @@ def load_reward_model(model_dir: str | Path, *, from_causal_lm: bool = False, se
 
 @torch.no_grad()
 def score(model, tok, prompts: Sequence[Any], responses: Sequence[str], max_tokens: int = 256,
-          batch_size: int = 16) -> np.ndarray:
-    """Scalar rewards of (prompt, response) pairs, shape (n,)."""
+          batch_size: int = 16, encoded: dict[tuple[str, str], list[int]] | None = None) -> np.ndarray:
+    """Scalar rewards of (prompt, response) pairs, shape (n,). ``encoded``: token ids already known, by
+    ``(str(prompt), response)`` (encodings made with the same ``max_tokens``)."""
     model.eval()
-    seqs = [encode(tok, p, r, max_tokens) for p, r in zip(prompts, responses)]
+    known = encoded or {}
+    seqs = [known.get((str(p), r)) or encode(tok, p, r, max_tokens) for p, r in zip(prompts, responses)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
     out = np.zeros(len(seqs), dtype=np.float32)
     for i in range(0, len(order), batch_size):
@@ -179,13 +185,14 @@ def score(model, tok, prompts: Sequence[Any], responses: Sequence[str], max_toke
     return out
 
 
-def evaluate_pairs(model, tok, pairs: Sequence[Pair], max_tokens: int = 256) -> dict[str, Any]:
+def evaluate_pairs(model, tok, pairs: Sequence[Pair], max_tokens: int = 256,
+                   encoded: dict[tuple[str, str], list[int]] | None = None) -> dict[str, Any]:
     """Accuracy overall, per rating level (Table 8), per batch and per category, on chosen>rejected pairs."""
     pairs = [p for p in pairs if p.kind == "chosen>rejected"]
     if not pairs:
         return {"pairs": 0, "accuracy": None, "by_rating": {}, "by_batch": {}, "by_category": {}}
-    rc = score(model, tok, [p.prompt for p in pairs], [p.chosen for p in pairs], max_tokens)
-    rr = score(model, tok, [p.prompt for p in pairs], [p.rejected for p in pairs], max_tokens)
+    rc = score(model, tok, [p.prompt for p in pairs], [p.chosen for p in pairs], max_tokens, encoded=encoded)
+    rr = score(model, tok, [p.prompt for p in pairs], [p.rejected for p in pairs], max_tokens, encoded=encoded)
     right = rc > rr
 
     def acc(sel) -> dict[str, float]:
@@ -207,6 +214,21 @@ class RMResult(BaseModel):
     final_loss: float
     heldout: dict[str, Any]
     batches: list[str]
+
+
+def group_by_length(order: Sequence[Pair], length: Callable[[Pair], int], batch: int, steps: int,
+                    rng: random.Random) -> list[Pair]:
+    """``order`` with each run of ``steps * batch`` pairs sorted by ``length``, cut into batches of ``batch`` and
+    the batches shuffled: every pair is still seen once, and a batch holds pairs of similar length."""
+    out: list[Pair] = []
+    mega = steps * batch
+    for a in range(0, len(order), mega):
+        group = sorted(order[a:a + mega], key=length)
+        batches = [group[i:i + batch] for i in range(0, len(group), batch)]
+        short = batches.pop() if len(batches[-1]) < batch else []  # a partial batch stays last: steps cut by index
+        rng.shuffle(batches)
+        out.extend(p for b in batches + [short] for p in b)
+    return out
 
 
 def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence[str | Path], out_dir: str | Path,
@@ -238,6 +260,17 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
     order = [train[i % len(train)] for i in range(total * cfg.batch_pairs)] if cfg.epochs > 1 else list(train)
     if cfg.epochs <= 1:
         rng.shuffle(order)
+    encoded: dict[tuple[str, str], list[int]] = {}
+
+    def enc(prompt: Any, response: str) -> list[int]:
+        key = (str(prompt), response)
+        if key not in encoded:
+            encoded[key] = encode(tok, prompt, response, cfg.max_tokens)
+        return encoded[key]
+
+    if cfg.group_by_length:
+        order = group_by_length(order, lambda p: max(len(enc(p.prompt, p.chosen)), len(enc(p.prompt, p.rejected))),
+                                cfg.batch_pairs, cfg.group_by_length, rng)
     losses = []
     for step in range(total):
         batch = order[step * cfg.batch_pairs:(step + 1) * cfg.batch_pairs]
@@ -246,8 +279,7 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
         loss_sum, acc_sum = 0.0, 0.0
         for i in range(0, len(batch), cfg.micro_pairs):
             mb = batch[i:i + cfg.micro_pairs]
-            seqs = [encode(tok, p.prompt, p.chosen, cfg.max_tokens) for p in mb]
-            seqs += [encode(tok, p.prompt, p.rejected, cfg.max_tokens) for p in mb]
+            seqs = [enc(p.prompt, p.chosen) for p in mb] + [enc(p.prompt, p.rejected) for p in mb]
             ids, mask = _batch(tok, seqs)
             r = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
             rc, rr = r[: len(mb)], r[len(mb):]
@@ -264,8 +296,8 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
         losses.append(loss_sum / len(batch))
         sink.log_metrics({"loss": losses[-1], "train_accuracy": acc_sum / len(batch), "lr": lr, "grad_norm": gnorm},
                          step + 1)
-    heldout = evaluate_pairs(model, tok, held, cfg.max_tokens)
-    calibration = calibrate(model, tok, train + held, cfg.max_tokens)
+    heldout = evaluate_pairs(model, tok, held, cfg.max_tokens, encoded)
+    calibration = calibrate(model, tok, train + held, cfg.max_tokens, encoded)
     if heldout["accuracy"] is not None:
         sink.log_metrics({"heldout_accuracy": heldout["accuracy"]}, total)
     result = RMResult(model_dir=str(out_dir / "model"), category=cfg.category, steps=len(losses),
@@ -303,7 +335,8 @@ def trained_batches(rm_dir: str | Path) -> list[str] | None:
 CALIBRATION = "calibration.json"
 
 
-def calibrate(model, tok, pairs: Sequence[Pair], max_tokens: int = 256) -> dict[str, Any]:
+def calibrate(model, tok, pairs: Sequence[Pair], max_tokens: int = 256,
+              encoded: dict[tuple[str, str], list[int]] | None = None) -> dict[str, Any]:
     """Mean and std of the RM's raw scores over the responses it trained and was evaluated on, overall and per
     prompt category.
 
@@ -320,7 +353,7 @@ def calibrate(model, tok, pairs: Sequence[Pair], max_tokens: int = 256) -> dict[
     if len(seen) < 2:
         return {"mean": 0.0, "std": 1.0, "responses": len(seen), "by_category": {}}
     prompts, responses, cats = zip(*seen.values())
-    raw = score(model, tok, list(prompts), list(responses), max_tokens)
+    raw = score(model, tok, list(prompts), list(responses), max_tokens, encoded=encoded)
 
     def stats(x: np.ndarray) -> dict[str, float]:
         return {"mean": float(x.mean()), "std": float(max(x.std(), 1e-6)), "responses": int(len(x))}

@@ -171,7 +171,7 @@ def plan_sweep(cfg: SweepConfig) -> list[dict[str, float]]:
         sizes = sorted({float(round(center * cfg.spread ** o)) for o in offsets})
         kept = [n for n in sizes if cfg.min_params <= n <= cfg.max_params]
         if len(kept) < len(sizes):
-            log.warning("budget C=%.3g: dropped %d size(s) outside [min_params, max_params]", c, len(sizes) - len(kept))
+            log.info("budget C=%.3g: dropped %d size(s) outside [min_params, max_params]", c, len(sizes) - len(kept))
         if len(kept) < 3:
             raise ConfigError(
                 f"min_params/max_params: budget C={c:.3g} keeps only {len(kept)} size(s) in "
@@ -410,7 +410,7 @@ def fit_isoflop(runs: Sequence[Sequence[float]], *, min_sizes: int = 3, budget_r
             continue
         res = fit_parabola(N[m], L[m])
         if res is None:
-            log.warning("isoflop: budget C=%.3g has no minimum (parabola opens downwards), skipped", c)
+            log.info("isoflop: budget C=%.3g has no minimum (parabola opens downwards), skipped", c)
             continue
         coeffs, n_opt, loss_min = res
         lo, hi = float(N[m].min()), float(N[m].max())

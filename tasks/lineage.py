@@ -12,7 +12,8 @@ that made it:
    shard files one by one; curation reads the fetched files under its own digest).
 
 Walked from the champion that gives: policy version -> parent versions -> RLHF steps -> reward-model versions ->
-preference batches (each with the annotator export it was ingested from) -> SFT model and data -> base model ->
+preference batches (each with the annotator export it was ingested from; for the simulated annotator's, the pairs
+file it labelled and the policy those pairs were sampled from) -> SFT model and data -> base model ->
 token shards and tokenizer -> mixture -> curated shards, step by step -> raw source files. Each node holds its
 digest, the MLflow run that made it (``run_role: "read"`` when no run made it: a file the user gave) and its store
 path; a node reached again is written once and then referred to (``"seen": true``). ``check_digests`` re-hashes
@@ -234,10 +235,19 @@ class _Walk:
         if key in self.nodes:
             return [{"id": key, "name": self.nodes[key]["name"], "seen": True, "context": "export"}]
         sha = m.get("source_sha256", "")
+        path = os.path.normpath(m["source_file"])
         node = {"id": key, "name": f"annotator export {Path(m['source_file']).name}", "kind": "export",
                 "digest": sha, "digests": [sha], "files": [], "run_id": run_id, "run_name": self.r.run_name(run_id),
-                "run_role": "read", "path": os.path.normpath(m["source_file"]), "context": "export", "children": []}
+                "run_role": "read", "path": path, "context": "export", "children": []}
         self.nodes[key] = node
+        # an export herd's simulated annotator wrote: its run read the pairs file, made from a policy's samples
+        made = self.r.maker(Record(node["name"], path, sha[:DIGEST_CHARS], "export", run_id,
+                                   self.r.start(run_id) if run_id else batch.start))
+        if made is not None and made.path == path:
+            node.update(run_id=made.run_id, run_name=self.r.run_name(made.run_id), run_role="made")
+            self.trail.add(key)
+            node["children"] = self.children(made.run_id)
+            self.trail.discard(key)
         return [node]
 
 

@@ -11,7 +11,7 @@ from prefect import task
 
 from stages.annotator import AnnotatorConfig
 from stages.collect import CollectConfig, annotate_file, collect_pairs, prompt_pools
-from stages.common import config_hash, tree_sha256
+from stages.common import config_hash, file_sha256, tree_sha256
 from stages.reward import RMConfig, staleness, train_reward_model
 from stages.sft_data import read_conversations
 from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, run_url, stage_run
@@ -45,13 +45,21 @@ def collect_task(cfg: CollectConfig, model_dir: str, sft_data: str, batch_index:
 
 
 @task(task_run_name="simulated-annotator")
-def annotate_task(cfg: AnnotatorConfig, pairs_file: str, inbox: str, name: str) -> dict:
+def annotate_task(cfg: AnnotatorConfig, pairs_file: str, inbox: str, name: str,
+                  parent_run_id: str | None = None) -> dict:
     """The simulated annotator labels a pairs file into an export in the inbox (as a human export would land); the
-    inbox watcher is told it is herd's own (the calling flow ingests it), so it starts no round of its own."""
+    inbox watcher is told it is herd's own (the calling flow ingests it), so it starts no round of its own. Its
+    MLflow run records the pairs file it read and the export it wrote (lineage: export -> pairs -> policy)."""
     from herd.events import own_export
 
-    with own_export(inbox, Path(inbox) / f"{name}.jsonl"):
-        return annotate_file(pairs_file, Path(inbox) / f"{name}.jsonl", cfg)
+    export = Path(inbox) / f"{name}.jsonl"
+    with own_export(inbox, export):
+        res = annotate_file(pairs_file, export, cfg)
+    pairs = Path(pairs_file)
+    with stage_run("preferences/annotate", cfg, parent_run_id, tags={"herd.annotator": "simulated"}):
+        log_dataset("pairs-to-annotate", str(pairs), tree_sha256(pairs.parent, pairs.name), "input")
+        log_dataset("annotator-export", str(export), file_sha256(export), "output", rows=res.get("records"))
+    return res
 
 
 @task(task_run_name="rm-staleness-{cfg.category}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -18,6 +20,65 @@ from tasks.tracking import log_dataset, markdown_table, publish_markdown, run_ur
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class _Worker:
+    """A ``tasks.sweep_worker --serve`` process: one core, torch imported once, runs handed over one at a time."""
+
+    def __init__(self, log_dir: Path):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log = log_dir / f"sweep-worker-{os.getpid()}-{id(self):x}.log"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self._log_fh = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tasks.sweep_worker", "--serve"], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_fh, text=True)
+
+    def run(self, spec: dict) -> dict:
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"sweep worker exited with code {self.proc.wait()} (log: {self.log})")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log_fh.close()
+
+
+class _Workers:
+    """Idle sweep workers, shared by the sweep's concurrent tasks (threads); stopped when the sweep ends."""
+
+    def __init__(self):
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> _Worker:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        from herd.settings import load_settings
+
+        return _Worker(load_settings().home / "logs")
+
+    def give_back(self, worker: _Worker) -> None:
+        with self._lock:
+            self._idle.append(worker)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.stop()
+
+
+WORKERS = _Workers()
+atexit.register(WORKERS.stop_all)
+
+
 @task(task_run_name="sweep-C{run[C]:.1e}-N{run[N]}")
 def sweep_run_task(run: dict, train: dict, shape: dict, data: dict, store: str, parent_run_id: str | None) -> dict:
     """Train one (N, D) model of the sweep in its own process (one core each), return its held-out loss.
@@ -27,12 +88,17 @@ def sweep_run_task(run: dict, train: dict, shape: dict, data: dict, store: str, 
     out = Path(store) / "sweep" / key
     result_file = out / "result.json"
     if not result_file.exists():
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         spec = {"run": run, "train": train, "data": data, "out": str(out), **shape}
-        proc = subprocess.run([sys.executable, "-m", "tasks.sweep_worker", json.dumps(spec)], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"sweep run C={run['C']:.2e} N={run['N']} failed:\n{proc.stderr[-3000:]}")
+        worker = WORKERS.take()
+        try:
+            answer = worker.run(spec)
+        except Exception:
+            worker.stop()
+            raise
+        WORKERS.give_back(worker)
+        if not answer.get("ok"):
+            raise RuntimeError(f"sweep run C={run['C']:.2e} N={run['N']} failed: {answer.get('error')} "
+                               f"(log: {worker.log})")
     res = json.loads(result_file.read_text())
     with stage_run(f"sweep/C={run['C']:.1e}/N={run['N']}", None, parent_run_id) as rid:
         mlflow.log_params({"C": run["C"], "N_planned": run["N"], "N": res["N"], "D": res["tokens"],

@@ -1,4 +1,7 @@
-"""One IsoFLOP sweep run in its own process (one core): ``python -m tasks.sweep_worker SPEC_JSON``.
+"""IsoFLOP sweep runs in their own process (one core): ``python -m tasks.sweep_worker SPEC_JSON`` runs one;
+``python -m tasks.sweep_worker --serve`` runs one spec per line of stdin, answering each with a JSON line on stdout
+(``{"ok": true}`` or ``{"ok": false, "error": ...}``), so a sweep pays for importing torch and transformers once per
+worker rather than once per run.
 
 The model has about N scaling parameters (non-embedding + output head, ``stages.model.scaling_params``;
 the shape from ``ModelConfig.for_params``) and trains on D = C / (6 N) tokens; the result (held-out loss, actual N and D) is written to ``<out>/result.json``.
@@ -33,5 +36,27 @@ def main(spec_json: str) -> None:
     })
 
 
+def serve() -> None:
+    """Runs, one spec per line of stdin, until stdin closes."""
+    import traceback
+
+    out = sys.stdout
+    sys.stdout = sys.stderr  # only the answers on stdout
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            main(line)
+            answer = {"ok": True}
+        except Exception as exc:  # noqa: BLE001  (reported to the task, which raises it)
+            traceback.print_exc()
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--serve":
+        serve()
+    else:
+        main(sys.argv[1])

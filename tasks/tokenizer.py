@@ -53,5 +53,7 @@ def tokenize_task(cfg: TokenizeConfig, tokenizer: dict, inputs: list[str], store
             if (out / split).exists():
                 log_dataset(f"tokens-{split}", str(out / split), tree_sha256(out / split), "output")
         log_dataset("tokenizer", tokenizer["path"], tokenizer["sha256"], "input")
+        for f in input_files(paths):  # the mixture it tokenized (lineage: tokens -> mixture, not only the tokenizer)
+            log_dataset(f.name, str(f), file_sha256(f), "input")
         mlflow.log_dict(man, "tokens_manifest.json")
     return {"path": str(out), "train": str(out / "train"), "heldout": str(out / "heldout"), "manifest": man}

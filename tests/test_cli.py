@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -102,6 +103,15 @@ def test_up_curate_ingest_down(env, tmp_path: Path) -> None:
     out = tmp_path / "curated"
     res = _run(env, "curate", "--preset", "smoke", "--input", str(src), "--output", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
+    # a quiet console: herd's bar and herd's own warnings; datatrove's loguru lines and MLflow's prints are in the
+    # log file
+    lines = [x for x in res.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    assert any(x.startswith("curate:") for x in lines), res.stderr[-3000:]
+    assert all(x.startswith("curate:") or re.match(r"WARNING (stages|tasks|flows|herd)\.", x) for x in lines), \
+        res.stderr[-3000:]
+    assert any("quarantined 1 of 4 lines" in x for x in lines)
+    library_log = (Path(env["HERD_HOME"]) / "logs" / "herd.log").read_text()
+    assert "datatrove" in library_log and "PIPELINE" in library_log
     report = json.loads((out / "report.json").read_text())
     assert report["counts"] == {"input_lines": 4, "kept": 1, "rejected": 2, "quarantined": 1}
     with gzip.open(next((out / "kept").glob("*.jsonl.gz")), "rt") as fh:

@@ -233,6 +233,30 @@ def _rewrite_jsonl(path: Path, fn) -> None:
     os.replace(tmp, path)
 
 
+def _reshard(folder: Path, out: Path, n: int) -> Path:
+    """``folder``'s documents in ``n`` files of consecutive documents, in order, so ``n`` datatrove tasks share the
+    work and (task, index) still orders documents as the input does (the same cluster members are kept)."""
+    import orjson
+
+    paths = base.shard_files(folder)
+    total = sum(1 for _ in base.iter_shard_records(folder))
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    per = max(1, -(-total // n))
+    fh, written = None, 0
+    for rec in base.iter_shard_records(folder):
+        if written % per == 0:
+            if fh is not None:
+                fh.close()
+            fh = open(out / f"{written // per:05d}.jsonl", "wb")
+        fh.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
+        written += 1
+    if fh is not None:
+        fh.close()
+    return out if paths else folder
+
+
 def minhash_dedup(cfg: MinHashConfig, in_dir: str | Path, out_dir: str | Path, executor: ExecutorConfig) -> dict:
     """Remove near duplicates with datatrove's MinHash signature -> buckets -> cluster -> filter steps."""
     from datatrove.pipeline.dedup.minhash import (
@@ -251,13 +275,17 @@ def minhash_dedup(cfg: MinHashConfig, in_dir: str | Path, out_dir: str | Path, e
     dt_cfg = DtMinhashConfig(n_grams=cfg.n_grams, num_buckets=b, hashes_per_bucket=r, seed=cfg.seed,
                              hash_config=HashConfig(precision=cfg.hash_precision))
     work = out_dir / "minhash"
-    n_files = len(base.shard_files(in_dir / KEPT))
+    source = in_dir / KEPT
+    n_files = len(base.shard_files(source))
+    if n_files < executor.tasks:  # datatrove's tasks split by file: one file would run on one core
+        source = _reshard(source, work / "input", executor.tasks)
+        n_files = len(base.shard_files(source))
     tasks = max(1, min(executor.tasks, n_files))
     log.info("minhash: threshold=%.2f -> %d buckets x %d hashes (P(candidate|s=threshold)=%.2f), %d tasks",
              cfg.threshold, b, r, float(lsh_collision_probability(cfg.threshold, b, r)), tasks)
 
     def reader():
-        return JsonlReader(str(in_dir / KEPT), glob_pattern="*.jsonl", add_file_path=False)
+        return JsonlReader(str(source), glob_pattern="*.jsonl", add_file_path=False)
 
     t0 = time.perf_counter()
     # chained with depends= (datatrove's idiom): running the last executor runs the whole chain

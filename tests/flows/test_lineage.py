@@ -98,6 +98,7 @@ def test_lineage_walks_from_the_champion_to_the_raw_files_and_every_digest_match
     assert root["model"] == {"name": "policy", "version": int(champion.version),
                              "aliases": sorted(["champion", f"rlhf-v{champion.tags['herd.round']}"])}
     by_name = {n["name"]: n for n in ns}
+    by_id = {n["id"]: n for n in ns}
     runs = {n["run_id"] for n in ns}
     # policy version -> parent versions -> RLHF steps -> reward-model versions -> preference batches + exports
     rounds = range(1, int(champion.tags["herd.round"]) + 1)
@@ -114,12 +115,17 @@ def test_lineage_walks_from_the_champion_to_the_raw_files_and_every_digest_match
             assert batch["run_name"] == "preferences/ingest" and batch["path"].endswith(f"{b}/data.parquet")
             (export,) = [c for c in batch["children"] if c.get("context") == "export"]
             assert export.get("seen") or (export["kind"] == "export" and Path(export["path"]).is_file())
+            if not export.get("seen"):  # the simulated annotator's run: the pairs it labelled, sampled by a policy
+                assert export["run_name"] == "preferences/annotate" and export["run_role"] == "made"
+                (pairs,) = [c for c in export["children"] if c["name"] == "pairs-to-annotate"]
+                assert by_id[pairs["id"]]["run_name"] == "preferences/collect"
     # -> SFT model and data -> base model -> tokenizer and token shards -> mixture -> curated shards -> raw files
     sft, base = by_name["sft v1"], by_name["base v1"]
     assert sft["run_name"] == "sft/train" and sft["path"] == demo["result"]["sft"]["model_dir"]
     assert by_name["sft-conversations"]["run_name"] == "sft/data"
     assert base["run_name"] == "pretrain/train" and base["path"] == demo["result"]["pretrain"]["model_dir"]
     assert {by_name[s]["run_name"] for s in ("tokens-train", "tokens-heldout")} == {"tokenizer/tokenize"}
+    assert "mix" in {by_id[c["id"]]["run_name"] for c in by_name["tokens-train"]["children"]}  # tokens <- mixture
     assert by_name["tokenizer"]["run_name"] == "tokenizer/train"
     assert by_name["mixture"]["run_name"] == "mix" and by_name["curated"]["run_name"] == "curate/report"
     for step in ["ingested", *enabled_steps(demo["cfg"].curation)]:

@@ -60,9 +60,9 @@ def _rs_config(**kw) -> RejectionConfig:
 
 def test_rejection_sampling_learns_what_the_reward_selects(policy_dir, tmp_path):
     sink = MemorySink()
-    before = _mean_reward(policy_dir)
+    before = _mean_reward(policy_dir, n=8)  # 320 answers a side: the gain (measured 0.06-0.10) over sampling noise
     res = rejection_sample(_rs_config(), policy_dir, _e_share, PROMPTS, tmp_path / "rs", round_index=1, sink=sink)
-    after = _mean_reward(res.model_dir)
+    after = _mean_reward(res.model_dir, n=8)
     assert after > before + 0.05, (before, after)
     m = res.metrics
     assert m["samples"] == 40 * 8 and m["reward_best_mean"] > m["reward_median_mean"] > 0

@@ -197,6 +197,15 @@ def test_minhash_catches_light_variants_and_keeps_passages_apart(tmp_path, near_
     minhash_dedup(MinHashConfig(), tmp_path / "in", tmp_path / "out2", ExecutorConfig())
     assert {r["id"] for r in C.read_folder(tmp_path / "out2" / "kept")} == kept_ids
 
+    # one input file is split so both tasks work; the same documents are kept and rejected, in the same order
+    C.write_kept(tmp_path / "one", recs, shards=1)
+    minhash_dedup(MinHashConfig(), tmp_path / "one", tmp_path / "o1", ExecutorConfig(tasks=1, workers=1))
+    minhash_dedup(MinHashConfig(), tmp_path / "one", tmp_path / "o2", ExecutorConfig(tasks=2, workers=2))
+    assert len(list((tmp_path / "o2" / "kept").glob("*.jsonl"))) == 2
+    for part in ("kept", "rejected"):
+        assert ([r["id"] for r in C.read_folder(tmp_path / "o1" / part)]
+                == [r["id"] for r in C.read_folder(tmp_path / "o2" / part)])
+
 
 # ---------------------------------------------------------------------------------------------
 # semantic dedup

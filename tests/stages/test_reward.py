@@ -14,8 +14,8 @@ from stages.annotator import AnnotatorConfig, annotate, helpfulness, judge, rati
 from stages.losses import MARGINS, margin_for, pair_accuracy, ranking_loss
 from stages.model import ModelConfig, build_model
 from stages.preferences import ingest_file
-from stages.reward import RMConfig, batch_pairs, evaluate_pairs, load_reward_model, mix_pairs, split_pairs, \
-    staleness, train_reward_model
+from stages.reward import RMConfig, batch_pairs, evaluate_pairs, group_by_length, load_reward_model, mix_pairs, \
+    split_pairs, staleness, train_reward_model
 from stages.tokenizer import TokenizerConfig, train_tokenizer
 
 # ------------------------------------------------------------------ losses
@@ -154,6 +154,25 @@ def sft_dir(tmp_path_factory) -> Path:
     vocab = len(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True))
     build_model(ModelConfig.from_flavour("debug", attn_implementation="eager"), vocab, seed=0).save_pretrained(model_dir)
     return model_dir
+
+
+def test_group_by_length_keeps_every_pair_and_batches_alike_lengths():
+    import random
+
+    draw = random.Random(1)
+    items = [draw.randint(5, 200) for _ in range(203)]  # 203 = 25 batches of 8 + a partial one
+    rng = random.Random(0)
+    order = group_by_length(items, lambda x: x, batch=8, steps=10, rng=rng)
+    assert sorted(order) == sorted(items) and len(order) == len(items)
+    batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+    assert len(batches[-1]) == 3  # the partial batch stays last, so steps cut by index hold whole batches
+    spread = sum(max(b) - min(b) for b in batches[:-1]) / len(batches[:-1])
+    random_spread = sum(max(b) - min(b) for b in (items[i:i + 8] for i in range(0, 200, 8))) / 25
+    assert spread < random_spread / 3
+    # within a group of 10 steps the batches come in shuffled order, not by length
+    firsts = [min(b) for b in batches[:10]]
+    assert firsts != sorted(firsts)
+    assert group_by_length(items, lambda x: x, 8, 10, random.Random(0)) == order  # seeded
 
 
 def test_reward_model_learns_and_reports_staleness(tmp_path, sft_dir):

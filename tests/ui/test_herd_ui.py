@@ -195,7 +195,9 @@ def ui_round(herd_stack, browser, shots) -> dict:
         shots(page, "prefect-05-custom-run-form")
         page.get_by_role("button", name="Submit").click()
         view = page.get_by_role("link", name="View run")
-        expect(view).to_be_visible()  # the toast: "<run name> scheduled to start now"
+        # the toast: "<run name> scheduled to start now" (the server validates the parameters against the schema
+        # first: on a loaded 2-core machine that took longer than playwright's default 5 s once in the full suite)
+        expect(view).to_be_visible(timeout=30_000)
         shots(page, "prefect-06-submitted", full_page=False)
         click_to(page, view, re.compile(r"/runs/flow-run/[0-9a-f-]{36}"))
         run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", page.url).group(1)
