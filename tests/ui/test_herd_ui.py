@@ -193,11 +193,21 @@ def ui_round(herd_stack, browser, shots) -> dict:
         for name, marker in (("config", '"schedule"'), ("rewards", '"helpfulness"'), ("preferences", '"collect"')):
             set_json_parameter(page, name, params[name], marker)
         shots(page, "prefect-05-custom-run-form")
+        seen: list[str] = []  # what the page said and asked for after Submit, for the failure message
+        page.on("console", lambda m: seen.append(f"console {m.type}: {m.text[:300]}"))
+        page.on("response", lambda r: seen.append(f"{r.request.method} {r.url} -> {r.status}"))
+        page.on("requestfailed", lambda r: seen.append(f"{r.method} {r.url} failed: {r.failure}"))
         page.get_by_role("button", name="Submit").click()
         view = page.get_by_role("link", name="View run")
         # the toast: "<run name> scheduled to start now" (the server validates the parameters against the schema
         # first: on a loaded 2-core machine that took longer than playwright's default 5 s once in the full suite)
-        expect(view).to_be_visible(timeout=30_000)
+        try:
+            expect(view).to_be_visible(timeout=30_000)
+        except AssertionError:
+            ps = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,etimes,args", "--sort=-pcpu"], capture_output=True,
+                                text=True).stdout.splitlines()[:15]
+            raise AssertionError("no run-submitted toast 30 s after Submit; the page's console and requests:\n"
+                                 + "\n".join(seen[-80:]) + "\nbusiest processes:\n" + "\n".join(ps)) from None
         shots(page, "prefect-06-submitted", full_page=False)
         click_to(page, view, re.compile(r"/runs/flow-run/[0-9a-f-]{36}"))
         run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", page.url).group(1)
