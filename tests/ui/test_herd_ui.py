@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import time
+import warnings
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -178,6 +179,13 @@ def open_model_version(page, stack, name: str, version: int, shots, shot: str) -
 # ------------------------------------------------------------------ the round, started from the UI
 
 
+def form_runs(stack, deployment_id: str) -> list[dict]:
+    """The deployment's manually created runs (the weekly schedule's are SCHEDULED for Monday 03:00)."""
+    runs = stack.prefect_api("/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment_id]}},
+                                                   "limit": 200})
+    return [r for r in runs if not r.get("auto_scheduled")]
+
+
 @pytest.fixture(scope="session")
 def ui_round(herd_stack, browser, shots) -> dict:
     """An alignment round started from the deployment's Custom run form, waited on (API polling) to the end."""
@@ -197,20 +205,42 @@ def ui_round(herd_stack, browser, shots) -> dict:
         page.on("console", lambda m: seen.append(f"console {m.type}: {m.text[:300]}"))
         page.on("response", lambda r: seen.append(f"{r.request.method} {r.url} -> {r.status}"))
         page.on("requestfailed", lambda r: seen.append(f"{r.method} {r.url} failed: {r.failure}"))
-        page.get_by_role("button", name="Submit").click()
+        dep_id = herd_stack.prefect_api(f"/deployments/name/{DEPLOYMENT}/{DEPLOYMENT}")["id"]
+        before = {r["id"] for r in form_runs(herd_stack, dep_id)}
         view = page.get_by_role("link", name="View run")
-        # the toast: "<run name> scheduled to start now" (the server validates the parameters against the schema
-        # first: on a loaded 2-core machine that took longer than playwright's default 5 s once in the full suite)
-        try:
-            expect(view).to_be_visible(timeout=30_000)
-        except AssertionError:
+        run_id = None
+        for attempt in range(2):
+            page.get_by_role("button", name="Submit").click()
+            # the toast: "<run name> scheduled to start now" (the server validates the parameters against the
+            # schema first: on a loaded 2-core machine that took longer than playwright's default 5 s)
+            try:
+                expect(view).to_be_visible(timeout=30_000)
+                break
+            except AssertionError:
+                pass
+            made = [r for r in form_runs(herd_stack, dep_id)
+                    if r["id"] not in before and r["parameters"].get("config") == params["config"]]
             ps = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,etimes,args", "--sort=-pcpu"], capture_output=True,
                                 text=True).stdout.splitlines()[:15]
-            raise AssertionError("no run-submitted toast 30 s after Submit; the page's console and requests:\n"
-                                 + "\n".join(seen[-80:]) + "\nbusiest processes:\n" + "\n".join(ps)) from None
-        shots(page, "prefect-06-submitted", full_page=False)
-        click_to(page, view, re.compile(r"/runs/flow-run/[0-9a-f-]{36}"))
-        run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", page.url).group(1)
+            why = (f"Submit {attempt + 1}: no run-submitted toast within 30 s; new runs of the deployment: "
+                   f"{[r['id'] for r in made]}; the page's console and requests since the first Submit:\n"
+                   + "\n".join(seen[-80:]) + "\nbusiest processes:\n" + "\n".join(ps))
+            (shots.folder / f"submit-{attempt + 1}-no-toast.txt").write_text(why)
+            shots(page, f"prefect-05-submit-{attempt + 1}-no-toast")
+            if made:  # the run was created and only the toast was missed: follow that run
+                run_id = made[0]["id"]
+                break
+            if attempt:
+                raise AssertionError(why)
+            # no run made (2 of 3 clean-clone full suites, never tests/ui alone; why is not known yet, the file above
+            # keeps what the page did): a user whose click did nothing clicks again
+            warnings.warn(why)
+        if run_id is None:
+            shots(page, "prefect-06-submitted", full_page=False)
+            click_to(page, view, re.compile(r"/runs/flow-run/[0-9a-f-]{36}"))
+            run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", page.url).group(1)
+        else:
+            page.goto(f"{herd_stack.prefect_url}/runs/flow-run/{run_id}")
         expect(page.get_by_text(DEPLOYMENT).first).to_be_visible()
         shots(page, "prefect-07-flow-run-started")
 
