@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from stages.common import StageConfig
 from stages.curation.pipeline import CurationConfig
@@ -51,7 +51,20 @@ class PretrainingConfig(StageConfig):
     size: str = Field("auto", description="model size: 'auto' (the fit's recommendation for `budget`) or a flavour "
                       "(debug, tiny, small, 7b, 8b)")
     train: PretrainConfig = Field(default_factory=PretrainConfig, description="pretraining hyperparameters")
-    nproc: int = Field(1, ge=1, description="processes; > 1 launches torchrun (DDP on gloo/nccl)")
+    nproc: int = Field(1, ge=1, description="processes; > 1 launches torchrun (train.parallelism: DDP or FSDP2, on "
+                       "gloo/nccl)")
+
+    @model_validator(mode="after")
+    def _processes(self) -> PretrainingConfig:
+        if self.train.parallelism == "fsdp" and self.nproc == 1:
+            raise ValueError("train.parallelism 'fsdp' shards the model over several processes: set nproc to 2 or "
+                             "more, or train.parallelism to 'ddp'")
+        per_rank = self.train.sequences_per_batch / (self.nproc * self.train.micro_batch_size)
+        if self.nproc > 1 and (per_rank < 1 or per_rank != int(per_rank)):
+            raise ValueError(f"nproc {self.nproc} x train.micro_batch_size {self.train.micro_batch_size} must divide "
+                             f"the global batch of {self.train.sequences_per_batch} sequences (train.batch_tokens / "
+                             "train.seq_len): change nproc, micro_batch_size or batch_tokens")
+        return self
 
 
 class PipelineConfig(StageConfig):
@@ -287,7 +300,9 @@ def _format_errors(exc: ValidationError, where: str, prefix: str) -> str:
     lines = []
     for err in exc.errors():
         path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        lines.append(f"  {path}: {err['msg']} (got {err.get('input')!r})"[:400])
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")  # a whole section (a check across its fields) is not worth repeating
+        lines.append((f"  {path}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))[:400])
     return f"invalid config in {where}:\n" + "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ go to ``out_dir/checkpoints/step_N`` (atomic); a rerun resumes from the newest o
 uninterrupted loss curve exactly (same device, fp32).
 
 Distributed: the caller (``tasks/torchrun_pretrain.py``) initialises ``torch.distributed``; here each
-rank takes its contiguous slice of every global batch and gradients are averaged by DDP.
+rank takes its contiguous slice of every global batch and gradients are averaged by DDP, or, with
+``parallelism: fsdp``, the model is sharded per decoder layer (FSDP2) and gradients reduce-scattered.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ class PretrainConfig(StageConfig):
     shuffle: bool = Field(True, description="Shuffle the order of packed windows (per epoch, seeded).")
     num_threads: int = Field(0, ge=0, description="torch intra-op threads (0: leave torch's default).")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.")
+    parallelism: str = Field("ddp", pattern="^(ddp|fsdp)$", description="under torchrun: 'ddp' replicates the model "
+                             "on every process; 'fsdp' shards parameters, gradients and optimizer state per decoder "
+                             "layer (FSDP2 fully_shard; with bf16: bf16 parameters, fp32 gradient reduction).")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the "
+                                           "backward pass: less memory for about a third more compute.")
     peak_flops: float = Field(0.0, ge=0, description="Hardware peak FLOP/s for MFU; 0 measures it (GPU table or matmul benchmark).")
 
     @model_validator(mode="after")
@@ -322,14 +328,16 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int) -> Path:
+def _save_checkpoint(out_dir: Path, step: int, model, optim_state: dict, scheduler, extra: dict, keep: int) -> Path:
+    """``model``: an unsharded module holding the weights; ``optim_state``: ``_optim_state``'s FQN-keyed state, so a
+    checkpoint resumes under any process count and either parallelism."""
     from safetensors.torch import save_model
 
     target = out_dir / "checkpoints" / f"step_{step}"
     with atomic_dir(target) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra},
+            {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra},
             tmp / "state.pt",
         )
     for _, old in _checkpoints(out_dir)[:-keep]:
@@ -338,6 +346,52 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, extr
         shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint step %d -> %s", step, target)
     return target
+
+
+def _param_names(optimizer, model) -> list[str]:
+    """The fully qualified name of every optimizer parameter, in the optimizer's (state dict index) order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _optim_state(optimizer, model, fsdp: bool) -> dict:
+    """The optimizer's whole (unsharded) state keyed by parameter name, as ``torch.distributed.checkpoint``'s full
+    optimizer state dict is. Under FSDP a collective (every rank calls it); the state lands on rank 0 only."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd, names = optimizer.state_dict(), _param_names(optimizer, model)
+    return {"state": {names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def _load_optim_state(optimizer, model, sd: dict, fsdp: bool) -> None:
+    """Load ``_optim_state``'s format (or an older checkpoint's index-keyed one) into a plain or sharded optimizer."""
+    groups = sd["param_groups"]
+    if any(isinstance(i, int) for g in groups for i in g["params"]):  # written before names: the same layout
+        optimizer.load_state_dict(sd)
+        return
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
+        return
+    index = {n: i for i, n in enumerate(_param_names(optimizer, model))}
+    optimizer.load_state_dict({"state": {index[n]: v for n, v in sd["state"].items()},
+                               "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups]})
+
+
+def _shard(model, bf16: bool) -> None:
+    """FSDP2: each decoder layer its own unit (all-gathered for its forward and backward, then freed), the root
+    holding the embeddings, final norm and head; with bf16, bf16 compute parameters and fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
@@ -412,6 +466,10 @@ def pretrain(
     dist = _dist()
     if dist is not None:
         rank, world_size = dist.get_rank(), dist.get_world_size()
+    fsdp = cfg.parallelism == "fsdp"
+    if fsdp and dist is None:
+        raise ConfigError("parallelism: fsdp shards the model over the processes of a torchrun launch, and this run "
+                          "has none: set pretraining.nproc to 2 or more, or parallelism: ddp")
     accum = cfg.grad_accum_steps(world_size)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -442,27 +500,24 @@ def pretrain(
     n_seq = cfg.sequences_per_batch
     per_rank = n_seq // world_size
 
+    def fresh_model():
+        if init_model_dir is None:
+            return build_model(model_cfg, vocab, seed=cfg.seed)
+        return load_causal_lm(init_model_dir, model_cfg.attn_implementation)
+
+    raw_model = fresh_model()
     if init_model_dir is not None:
-        raw_model = load_causal_lm(init_model_dir, model_cfg.attn_implementation)
         if raw_model.config.vocab_size < vocab:
             raise ConfigError(f"the model in {init_model_dir} has {raw_model.config.vocab_size} token ids but the data "
                               f"uses ids up to {vocab - 1}: tokenize with that model's tokenizer")
         vocab = raw_model.config.vocab_size
-        raw_model = raw_model.to(device)
-    else:
-        raw_model = build_model(model_cfg, vocab, seed=cfg.seed).to(device)
-    raw_model.train()
-    optimizer = torch.optim.AdamW(
-        _param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        fused=device.type == "cuda" or None,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
+    raw_model = raw_model.to(device)
+    n_params = sum(p.numel() for p in raw_model.parameters())
     model_key = config_hash(model_cfg, vocab)
     step, data_pos, history = 0, 0, []
     ckpts = _checkpoints(out_dir) if resume else []
-    if ckpts:
+    state = None
+    if ckpts:  # every rank reads the whole checkpoint: it resumes under any process count and parallelism
         from safetensors.torch import load_model
 
         ck_step, ck_dir = ckpts[-1]
@@ -475,14 +530,30 @@ def pretrain(
         if state.get("model_key") != model_key:
             raise ConfigError(f"checkpoint {ck_dir} was written for another model/vocab; use a fresh out_dir or resume=False")
         load_model(raw_model, str(ck_dir / "model.safetensors"), device=str(device))
-        optimizer.load_state_dict(state["optimizer"])
+    if cfg.activation_checkpointing:
+        if hasattr(raw_model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name before
+            raw_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fsdp:
+        _shard(raw_model, cfg.bf16)
+    raw_model.train()
+    optimizer = torch.optim.AdamW(
+        _param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        fused=(device.type == "cuda" and not fsdp) or None,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+    if state is not None:
+        _load_optim_state(optimizer, raw_model, state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         step, data_pos, history = state["step"], state["data_position"], list(state["loss_history"])
         log.info("resumed from %s (step %d, data position %d)", ck_dir, step, data_pos)
 
     model = CausalLMWithLoss(raw_model)
-    if dist is not None:
+    if dist is not None and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -495,13 +566,29 @@ def pretrain(
     t_window, tok_window = time.perf_counter(), 0
     t_steady, tok_steady, steady_from = None, 0, step + 1
     last_loss = history[-1] if history else float("nan")
-    n_params = sum(p.numel() for p in raw_model.parameters())
+    shadow: list = []  # under FSDP, rank 0's unsharded copy that checkpoints and the final model are written from
+
+    def unsharded():
+        """The model with all its weights on this process (under FSDP a collective: rank 0 gets them, in a CPU
+        copy; the other ranks None)."""
+        if not fsdp:
+            return raw_model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank != 0:
+            return None
+        if not shadow:
+            shadow.append(fresh_model())
+        shadow[0].load_state_dict(sd)
+        return shadow[0]
 
     def save(at_step: int) -> Path | None:
+        weights, optim_state = unsharded(), _optim_state(optimizer, raw_model, fsdp)
         if rank != 0:
             return None
         return _save_checkpoint(
-            out_dir, at_step, raw_model, optimizer, scheduler,
+            out_dir, at_step, weights, optim_state, scheduler,
             {"step": at_step, "data_position": data_pos, "loss_history": history, "model_key": model_key},
             cfg.keep_checkpoints,
         )
@@ -517,11 +604,13 @@ def pretrain(
             ids_t = torch.from_numpy(ids[sl]).to(device)
             labels_t = torch.from_numpy(labels[sl]).to(device)
             mask, pos = packed_inputs(torch.from_numpy(docs[sl, :-1]).to(device), attn_implementation=attn_impl)
-            sync = contextlib.nullcontext() if dist is None or k == accum - 1 else model.no_sync()
+            if fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+                raw_model.set_requires_gradient_sync(k == accum - 1)
+            sync = contextlib.nullcontext() if dist is None or fsdp or k == accum - 1 else model.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss_sum = fwd(ids_t, mask, pos, labels_t)
-                # DDP averages gradients over ranks; scale so the result is the global token mean.
+                # DDP and FSDP average gradients over ranks; scale so the result is the global token mean.
                 (loss_sum * (world_size / max(1, n_valid))).backward()
             loss_sum_local += loss_sum.detach()
         if dist is not None:
@@ -531,7 +620,8 @@ def pretrain(
             raise DivergenceError(
                 f"loss is {loss} at step {step + 1}; lower PretrainConfig.lr (now {cfg.lr}) or raise warmup_steps"
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf")).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -556,9 +646,11 @@ def pretrain(
             sink.log_metrics(metrics, step)
             log.info("step %d loss %.4f lr %.2e gnorm %.3f tok/s %.0f", step, loss, lr, grad_norm, tps)
             t_window, tok_window = now, 0
-        if heldout is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0:
+        if heldout is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and (
+                rank == 0 or fsdp):  # a sharded model's forward needs every rank
             h, _ = evaluate(raw_model, heldout, cfg, attn_impl, device)
-            sink.log_metrics({"heldout_loss": h}, step)
+            if rank == 0:
+                sink.log_metrics({"heldout_loss": h}, step)
         if downstream is not None and downstream.due(step) and step < total_steps and rank == 0:
             sink.log_metrics(downstream(raw_model, device), step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < target_steps:
@@ -581,18 +673,22 @@ def pretrain(
                               metrics_path=None, checkpoint_dir=str(ck) if ck else None, **common)
 
     h_loss, h_by_src = (None, {})
-    if heldout is not None and rank == 0:
+    if heldout is not None and (rank == 0 or fsdp):
         h_loss, h_by_src = evaluate(raw_model, heldout, cfg, attn_impl, device)
-        sink.log_metrics({"heldout_loss": h_loss, **{f"heldout_loss/{s}": v for s, v in h_by_src.items()}}, step)
+        if rank == 0:
+            sink.log_metrics({"heldout_loss": h_loss, **{f"heldout_loss/{s}": v for s, v in h_by_src.items()}}, step)
+        else:
+            h_loss, h_by_src = None, {}
     if downstream is not None and downstream.every and rank == 0:
         sink.log_metrics(downstream(raw_model, device), step)
     result = PretrainResult(
         completed=True, heldout_loss=h_loss, heldout_loss_by_source=h_by_src,
         model_dir=str(out_dir / "model"), metrics_path=str(out_dir / "metrics.json"), checkpoint_dir=None, **common,
     )
+    final = unsharded()
     if rank == 0:
         with atomic_dir(out_dir / "model") as tmp:
-            raw_model.save_pretrained(tmp, safe_serialization=True)
+            final.save_pretrained(tmp, safe_serialization=True)
         write_json_atomic(out_dir / "metrics.json", {"loss_history": history, **result.model_dump(mode="json")})
         write_json_atomic(
             out_dir / "manifest.json",

@@ -117,25 +117,63 @@ def test_divergence_raises(splits, tmp_path):
         pretrain(CFG.derive(lr=1e30, warmup_steps=0, grad_clip=0.0, steps=4), MODEL, train, None, tmp_path / "x")
 
 
-def test_ddp_two_processes_match_single_process(splits, tmp_path):
-    train, _ = splits
-    cfg = CFG.derive(steps=3, device="cpu")  # gloo: two processes need no GPUs (NCCL wants one each)
-    single = pretrain(cfg, MODEL, train, None, tmp_path / "one")
-    spec = tmp_path / "cfg.json"
+def _torchrun(cfg: PretrainConfig, train, heldout, out: Path, stop_after_steps: int | None = None) -> dict:
+    """Two gloo processes (no GPUs needed) under torchrun; rank 0's result.json."""
+    spec = out.with_suffix(".json")
     spec.write_text(json.dumps({"pretrain": cfg.model_dump(mode="json"), "model": MODEL.model_dump(mode="json")}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(ROOT / "tasks" / "torchrun_pretrain.py"), "--config", str(spec), "--data", str(train),
-         "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=180, env=env, cwd=ROOT,
-    )
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+            str(ROOT / "tasks" / "torchrun_pretrain.py"), "--config", str(spec), "--data", str(train), "--out", str(out)]
+    args += ["--heldout", str(heldout)] if heldout is not None else []
+    args += ["--stop-after-steps", str(stop_after_steps)] if stop_after_steps else []
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = load_loss_history(tmp_path / "one"), load_loss_history(tmp_path / "two")
-    assert len(two) == 3
-    np.testing.assert_allclose(two, one, atol=1e-5, rtol=0)
-    assert json.loads((tmp_path / "two" / "result.json").read_text())["steps"] == single.steps
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_processes_match_single_process(splits, tmp_path, parallelism):
+    """DDP (replicated) and FSDP2 (sharded per decoder layer) on two processes: the one-process loss curve, held-out
+    loss and final weights."""
+    train, heldout = splits
+    cfg = CFG.derive(steps=3, device="cpu")
+    single = pretrain(cfg, MODEL, train, heldout, tmp_path / "one")
+    two = _torchrun(cfg.derive(parallelism=parallelism), train, heldout, tmp_path / "two")
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["config"]["parallelism"] == parallelism
+    assert len(load_loss_history(tmp_path / "two")) == 3 and two["steps"] == single.steps
+    np.testing.assert_allclose(load_loss_history(tmp_path / "two"), load_loss_history(tmp_path / "one"), atol=1e-5,
+                               rtol=0)
+    assert two["heldout_loss"] == pytest.approx(single.heldout_loss, abs=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "one" / "model" / "model.safetensors"), load_file(tmp_path / "two" / "model" /
+                                                                                  "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process(splits, tmp_path):
+    """Checkpoints hold whole (unsharded) weights and name-keyed optimizer state: a two-process FSDP run stopped
+    after 2 of 5 steps finishes in one process on the uninterrupted curve."""
+    train, _ = splits
+    cfg = CFG.derive(steps=5, device="cpu")
+    full = pretrain(cfg, MODEL, train, None, tmp_path / "full")
+    part = _torchrun(cfg.derive(parallelism="fsdp"), train, None, tmp_path / "split", stop_after_steps=2)
+    assert not part["completed"] and Path(part["checkpoint_dir"]).name == "step_2"
+    resumed = pretrain(cfg, MODEL, train, None, tmp_path / "split")
+    assert resumed.completed and resumed.steps == 5
+    np.testing.assert_allclose(load_loss_history(tmp_path / "split"), load_loss_history(tmp_path / "full"),
+                               atol=1e-4, rtol=0)
+    assert resumed.final_loss == pytest.approx(full.final_loss, abs=1e-4)
+
+
+def test_fsdp_without_processes_names_the_fix(splits, tmp_path):
+    train, _ = splits
+    with pytest.raises(ConfigError, match="nproc to 2 or more"):
+        pretrain(CFG.derive(parallelism="fsdp"), MODEL, train, None, tmp_path / "x")
 
 
 def _free_port() -> int:
@@ -163,3 +201,31 @@ def test_reader_accepts_the_tokenizer_stage_layout(tmp_path):
     (tmp_path / "tok" / "manifest.json").write_text(json.dumps({"vocab_size": 300}))
     s = TokenSplit(split)
     assert s.vocab_size == 300 and s.sources.tolist() == ["code", "web"] and len(s) == 5
+
+
+def test_process_count_checks_name_the_fix(tmp_path):
+    """`parallelism: fsdp` with one process, or a process count that does not divide the batch: one message each,
+    naming the fields to change (a --config file is checked before anything runs)."""
+    from stages.presets import load_section
+
+    override = tmp_path / "p.yaml"
+    override.write_text("nproc: 1\ntrain: {parallelism: fsdp}\n")
+    with pytest.raises(ConfigError, match=r"pretraining: train.parallelism 'fsdp' .* set nproc to 2 or more") as e:
+        load_section("pretraining", "tiny", override)
+    assert "got" not in str(e.value)  # the section's whole value is not echoed
+    override.write_text("nproc: 3\n")
+    with pytest.raises(ConfigError, match=r"nproc 3 x train.micro_batch_size \d+ must divide the global batch"):
+        load_section("pretraining", "tiny", override)
+    override.write_text("nproc: 2\ntrain: {parallelism: fsdp, micro_batch_size: 4}\n")
+    cfg = load_section("pretraining", "tiny", override)
+    assert cfg.nproc == 2 and cfg.train.parallelism == "fsdp"
+
+
+def test_activation_checkpointing_recomputes_the_same_curve(splits, tmp_path):
+    train, _ = splits
+    cfg = CFG.derive(steps=3, device="cpu")
+    plain = pretrain(cfg, MODEL, train, None, tmp_path / "plain")
+    ckpt = pretrain(cfg.derive(activation_checkpointing=True), MODEL, train, None, tmp_path / "ac")
+    np.testing.assert_allclose(load_loss_history(tmp_path / "ac"), load_loss_history(tmp_path / "plain"), atol=1e-6,
+                               rtol=0)
+    assert ckpt.final_loss == pytest.approx(plain.final_loss, abs=1e-6)
