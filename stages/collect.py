@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from stages.common import StageConfig, atomic_dir, iter_jsonl, write_json_atomic
 from stages.annotator import AnnotatorConfig
+from stages.common import StageConfig, atomic_dir, iter_jsonl, write_json_atomic
+from stages.device import OnDevice
 from stages.errors import DataValidationError, MissingAssetError
 from stages.policy import chat_prompt_ids
 from stages.sampling import sample
@@ -73,8 +74,9 @@ class GenerationConfig(StageConfig):
     max_prompt_tokens: int = Field(192, ge=8, description="longer prompts keep their last tokens")
 
 
-def load_policy(model_dir: str | Path):
-    """``(model, tokenizer)`` of a saved chat model folder (safetensors + tokenizer), ready to generate."""
+def load_policy(model_dir: str | Path, on: OnDevice | None = None, *, train: bool = False):
+    """``(model, tokenizer)`` of a saved chat model folder (safetensors + tokenizer), ready to generate, on ``on``'s
+    device (the CPU without one): cast to its dtype, or (``train``) kept float32 for training under autocast."""
     from transformers import AutoTokenizer
 
     from stages.model import load_causal_lm
@@ -82,6 +84,8 @@ def load_policy(model_dir: str | Path):
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = load_causal_lm(model_dir).eval()
     model.config.use_cache = True
+    if on is not None:
+        model = model.to(device=on.torch_device(), dtype=None if train else on.torch_dtype())
     return model, tok
 
 
@@ -106,7 +110,7 @@ def generate(model, tok, prompts: Sequence[str | list[dict]], *, temperature: fl
     return outs, {"tokens": float(n_tokens), "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9)}
 
 
-class CollectConfig(StageConfig):
+class CollectConfig(OnDevice):
     """How the next batch to annotate is produced."""
 
     prompts: int = Field(200, ge=1, description="prompts per batch (drawn from the collect pool)")
@@ -141,7 +145,7 @@ def draw_prompts(pool: Sequence[dict], cfg: CollectConfig, batch_index: int) -> 
 def collect_pairs(cfg: CollectConfig, model_dir: str | Path, pool: Sequence[dict], out_dir: str | Path,
                   batch_index: int) -> dict:
     """Write ``out_dir/pairs.jsonl`` (the file annotators fill in) and ``manifest.json`` (last)."""
-    model, tok = load_policy(model_dir)
+    model, tok = load_policy(model_dir, cfg)
     prompts = draw_prompts(pool, cfg, batch_index)
     texts = [p["prompt"] for p in prompts]
     a, stats_a = generate(model, tok, texts, temperature=cfg.temperatures[0], cfg=cfg.generation,

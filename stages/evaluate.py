@@ -30,7 +30,8 @@ from pydantic import Field
 
 from stages.annotator import falsely_refuses, judge, violates
 from stages.collect import GenerationConfig, generate, load_policy
-from stages.common import StageConfig, config_hash, iter_jsonl, tree_sha256, write_json_atomic
+from stages.common import config_hash, iter_jsonl, tree_sha256, write_json_atomic
+from stages.device import OnDevice, model_device
 from stages.errors import DataValidationError
 from stages.policy import chat_prompt_ids
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[str]], dict[str, np.ndarray]]
 
 
-class EvalConfig(StageConfig):
+class EvalConfig(OnDevice):
     """Held-out evaluation of a policy against baselines."""
 
     prompts: int = Field(0, ge=0, description="prompts of the eval pool used (0: all of them)")
@@ -53,12 +54,12 @@ class EvalConfig(StageConfig):
 def policy_answers(cfg: EvalConfig, model_dir: str | Path, prompts: Sequence[dict], cache_root: str | Path) -> list[dict]:
     """Every prompt's ``cfg.samples`` answers from ``model_dir``: ``[{"id", "category", "prompt", "answers"}]``,
     cached under ``cache_root`` by the weights digest, the config and the prompts."""
-    key = config_hash("answers", cfg.samples, cfg.temperature, cfg.generation, cfg.seed,
-                      tree_sha256(model_dir, "*.safetensors"), [p["id"] for p in prompts])
+    key = config_hash("answers", cfg.samples, cfg.temperature, cfg.generation, cfg.seed, cfg.torch_device().type,
+                      str(cfg.torch_dtype()), tree_sha256(model_dir, "*.safetensors"), [p["id"] for p in prompts])
     path = Path(cache_root) / key / "answers.jsonl"
     if path.is_file():
         return [row for _, row in iter_jsonl(path)]
-    model, tok = load_policy(model_dir)
+    model, tok = load_policy(model_dir, cfg)
     texts = [p["prompt"] for p in prompts for _ in range(cfg.samples)]
     out, gen = generate(model, tok, texts, temperature=cfg.temperature, cfg=cfg.generation, seed=cfg.seed)
     rows = [{"id": p["id"], "category": p["category"], "prompt": p["prompt"],
@@ -116,11 +117,12 @@ def paired_diff_ci(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict
 
 
 @torch.no_grad()
-def answer_logprobs(model_dir: str | Path, rows: Sequence[dict], max_prompt_tokens: int, batch_size: int = 32
-                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def answer_logprobs(model_dir: str | Path, rows: Sequence[dict], max_prompt_tokens: int, batch_size: int = 32,
+                    on: OnDevice | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per answer (flattened prompt-major): the log-probs of its tokens under ``model_dir`` and the
     per-token entropy of the model's distribution at those positions."""
-    model, tok = load_policy(model_dir)
+    model, tok = load_policy(model_dir, on)
+    device = model_device(model)
     eot = tok.get_vocab().get("<|eot_id|>", tok.eos_token_id)
     seqs = []
     for r in rows:
@@ -132,16 +134,17 @@ def answer_logprobs(model_dir: str | Path, rows: Sequence[dict], max_prompt_toke
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
         width = max(len(p) + len(a) for p, a in chunk)
-        ids = torch.tensor([[pad] * (width - len(p) - len(a)) + p + a for p, a in chunk])
-        mask = torch.tensor([[0] * (width - len(p) - len(a)) + [1] * (len(p) + len(a)) for p, a in chunk])
+        ids = torch.tensor([[pad] * (width - len(p) - len(a)) + p + a for p, a in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p) - len(a)) + [1] * (len(p) + len(a)) for p, a in chunk],
+                            device=device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
         lp = torch.log_softmax(logits[:, :-1], dim=-1)
         tok_lp = lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         ent = -(lp.exp() * lp).sum(-1)
         for j, (_, a) in enumerate(chunk):
-            logps.append(tok_lp[j, -len(a):].numpy())
-            ents.append(ent[j, -len(a):].numpy())
+            logps.append(tok_lp[j, -len(a):].cpu().numpy())
+            ents.append(ent[j, -len(a):].cpu().numpy())
     return logps, ents
 
 
@@ -214,9 +217,9 @@ def evaluate_policy(cfg: EvalConfig, policy_dir: str | Path, baselines: dict[str
     answers = {name: policy_answers(cfg, d, prompts, cache_root) for name, d in models.items()}
     out = compare_answers(cfg, answers, scorer)
     signals = out["signals"]
-    lp, ent = answer_logprobs(policy_dir, answers["policy"], cfg.generation.max_prompt_tokens)
+    lp, ent = answer_logprobs(policy_dir, answers["policy"], cfg.generation.max_prompt_tokens, on=cfg)
     signals["entropy"] = float(np.mean(np.concatenate(ent)))
     if reference_dir is not None:
-        ref_lp, _ = answer_logprobs(reference_dir, answers["policy"], cfg.generation.max_prompt_tokens)
+        ref_lp, _ = answer_logprobs(reference_dir, answers["policy"], cfg.generation.max_prompt_tokens, on=cfg)
         signals["kl_to_reference"] = float(np.mean([(a - b).sum() for a, b in zip(lp, ref_lp)]))
     return out

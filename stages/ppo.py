@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from stages.common import NULL_SINK, MetricsSink, StageConfig, read_manifest, write_json_atomic
+from stages.common import NULL_SINK, MetricsSink, read_manifest, write_json_atomic
+from stages.device import OnDevice, autocast, model_device
 from stages.errors import ConfigError, DataValidationError, DivergenceError
 from stages.losses import gae, masked_mean, ppo_policy_loss, token_rewards, value_loss, whiten, whitened_reward
 from stages.policy import PolicyResult, RewardFn, chat_prompt_ids, save_policy
@@ -38,7 +39,7 @@ from stages.policy import PolicyResult, RewardFn, chat_prompt_ids, save_policy
 log = logging.getLogger(__name__)
 
 
-class PPOConfig(StageConfig):
+class PPOConfig(OnDevice):
     """PPO hyperparameters; defaults are Llama 2's (section 3.2.3) where the paper states them."""
 
     iterations: int = Field(200, ge=1, description="PPO iterations, one rollout batch each (Llama 2: 200-400)")
@@ -111,6 +112,7 @@ def rollout(model, tok, prompts: Sequence[str | list[dict]], *, temperature: flo
     """
     stop = stop_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
+    device = model_device(model)
     was_training = model.training
     model.eval()
     prompt_rows: list[list[int]] = []
@@ -120,8 +122,8 @@ def rollout(model, tok, prompts: Sequence[str | list[dict]], *, temperature: flo
     for i in range(0, len(prompts), batch_size):
         ids = [chat_prompt_ids(tok, p, max_prompt_tokens) for p in prompts[i:i + batch_size]]
         width = max(len(x) for x in ids)
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature,
                              top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stop,
                              pad_token_id=pad, use_cache=True)
@@ -136,10 +138,10 @@ def rollout(model, tok, prompts: Sequence[str | list[dict]], *, temperature: flo
     width = max(len(p) for p in prompt_rows)
     length = max(len(r) for r in response_rows)
     return Rollout(
-        prompt_ids=torch.tensor([[pad] * (width - len(p)) + p for p in prompt_rows]),
-        prompt_mask=torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_rows]),
-        response_ids=torch.tensor([r + [pad] * (length - len(r)) for r in response_rows]),
-        response_mask=torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in response_rows]),
+        prompt_ids=torch.tensor([[pad] * (width - len(p)) + p for p in prompt_rows], device=device),
+        prompt_mask=torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_rows], device=device),
+        response_ids=torch.tensor([r + [pad] * (length - len(r)) for r in response_rows], device=device),
+        response_mask=torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in response_rows], device=device),
         texts=texts, seconds=seconds)
 
 
@@ -178,11 +180,13 @@ class ValueModel(torch.nn.Module):
 
 def value_model(policy, *, value_init_dir: str | Path | None = None, seed: int = 0) -> ValueModel:
     """The value function: a saved reward model's trunk and ``score`` head (``value_init_dir``), else a
-    zero-initialised head on a copy of the policy trunk."""
+    zero-initialised head on a copy of the policy trunk; on the policy's device, float32 (it is trained)."""
+    device = model_device(policy)
     if value_init_dir is not None:
         from stages.reward import load_reward_model
 
         rm, _ = load_reward_model(value_init_dir)
+        rm = rm.to(device)
         if rm.config.vocab_size != policy.config.vocab_size:
             raise ConfigError(f"value_init_dir: the reward model in {value_init_dir} has vocabulary size "
                               f"{rm.config.vocab_size}, the policy {policy.config.vocab_size}; initialise the value "
@@ -192,7 +196,7 @@ def value_model(policy, *, value_init_dir: str | Path | None = None, seed: int =
         torch.manual_seed(seed)
         head = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
         torch.nn.init.zeros_(head.weight)
-    return ValueModel(copy.deepcopy(policy.model), head)
+    return ValueModel(copy.deepcopy(policy.model), head.to(device))
 
 
 def _prompt_stream(prompts: Sequence[dict], seed: int) -> Iterator[dict]:
@@ -236,9 +240,10 @@ def ppo(cfg: PPOConfig, policy_dir: str | Path, reward_fn: RewardFn, prompts: Se
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
 
-    policy, tok = load_policy(policy_dir)
-    ref, _ = load_policy(policy_dir)
+    policy, tok = load_policy(policy_dir, cfg, train=True)  # float32 weights on cfg's device, forwards in its dtype
+    ref, _ = load_policy(policy_dir, cfg)  # only run: cast to cfg's dtype
     ref.requires_grad_(False)
+    device, dtype = cfg.torch_device(), cfg.torch_dtype()
     values = value_model(policy, value_init_dir=value_init_dir, seed=cfg.seed)
     opt = torch.optim.AdamW(_param_groups([policy, values], cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                             eps=cfg.eps)
@@ -254,14 +259,14 @@ def ppo(cfg: PPOConfig, policy_dir: str | Path, reward_fn: RewardFn, prompts: Se
         scores = np.asarray(reward_fn([p["prompt"] for p in drawn], batch.texts, [p["category"] for p in drawn]),
                             dtype=np.float64).reshape(len(drawn))
         mask = batch.response_mask.float()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, dtype):
             policy.eval()
             values.eval()
             old_logp, entropy = policy_logps(policy, batch, cfg.temperature)
             ref_logp, _ = policy_logps(ref, batch, cfg.temperature)
             old_values = values(batch) * mask
-            rewards = token_rewards(whitened_reward(torch.from_numpy(scores).float()), old_logp, ref_logp, mask,
-                                    cfg.kl_beta)
+            rewards = token_rewards(whitened_reward(torch.from_numpy(scores).float().to(device)), old_logp, ref_logp,
+                                    mask, cfg.kl_beta)
             adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             adv = whiten(adv, mask) * mask
             kl = ((old_logp - ref_logp) * mask).sum(dim=1).mean()
@@ -278,9 +283,11 @@ def ppo(cfg: PPOConfig, policy_dir: str | Path, reward_fn: RewardFn, prompts: Se
                 width = int(m.sum(dim=0).nonzero().max()) + 1  # drop all-padding response columns
                 mb.response_ids, mb.response_mask, m = mb.response_ids[:, :width], mb.response_mask[:, :width], \
                     m[:, :width]
-                logp, _ = policy_logps(policy, mb, cfg.temperature)
+                with autocast(device, dtype):
+                    logp, _ = policy_logps(policy, mb, cfg.temperature)
+                    new_values = values(mb)
                 pl, clipfrac = ppo_policy_loss(logp, old_logp[idx, :width], adv[idx, :width], m, cfg.clip)
-                vl = value_loss(values(mb), old_values[idx, :width], returns[idx, :width], m, cfg.value_clip)
+                vl = value_loss(new_values, old_values[idx, :width], returns[idx, :width], m, cfg.value_clip)
                 loss = pl + cfg.vf_coef * vl
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"PPO loss became {float(loss)} at iteration {it + 1}; lower lr "

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 
 from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, config_hash, read_manifest, write_json_atomic
+from stages.device import resolve_device
 from stages.errors import ConfigError, DataValidationError, DivergenceError
 from stages.model import (
     ModelConfig,
@@ -78,7 +79,8 @@ class PretrainConfig(StageConfig):
     seed: int = Field(0, description="Seeds model init, data order and all RNGs.")
     shuffle: bool = Field(True, description="Shuffle the order of packed windows (per epoch, seeded).")
     num_threads: int = Field(0, ge=0, description="torch intra-op threads (0: leave torch's default).")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="'auto' (cuda if available, else cpu), "
+                        "'cpu' or 'cuda' (an error without one).")
     parallelism: str = Field("ddp", pattern="^(ddp|fsdp)$", description="under torchrun: 'ddp' replicates the model "
                              "on every process; 'fsdp' shards parameters, gradients and optimizer state per decoder "
                              "layer (FSDP2 fully_shard; with bf16: bf16 parameters, fp32 gradient reduction).")
@@ -475,10 +477,7 @@ def pretrain(
         torch.set_num_threads(cfg.num_threads)
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len={model_cfg.max_seq_len}")
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{rank % torch.cuda.device_count()}")
+    device = resolve_device(cfg.device, rank)
 
     if device.type == "cpu" and model_cfg.attn_implementation == "flex_attention":
         raise ConfigError("attn_implementation 'flex_attention' has no backward pass on CPU in this torch; use 'sdpa' "

