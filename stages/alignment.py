@@ -171,7 +171,8 @@ def _ppo(cfg: AlignmentConfig, parent: str, inp: RoundInputs, out: Path, sink: M
 
 
 def _dpo(cfg: AlignmentConfig, parent: str, inp: RoundInputs, out: Path, sink: MetricsSink) -> PolicyResult:
-    return dpo(cfg.dpo, parent, inp.batch_dirs, out, sink=sink)
+    # the reference log-probs of each batch are kept beside the algorithm's outputs, by content
+    return dpo(cfg.dpo, parent, inp.batch_dirs, out, sink=sink, ref_cache=out.parent.parent / "dpo-reference")
 
 
 ALGORITHMS: dict[Algorithm, Step] = {Algorithm.rejection_sampling: _rs, Algorithm.ppo: _ppo, Algorithm.dpo: _dpo}

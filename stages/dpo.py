@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from stages.common import NULL_SINK, MetricsSink, StageConfig, read_manifest, write_json_atomic
+from stages.common import NULL_SINK, MetricsSink, config_hash, read_manifest, tree_sha256, write_json_atomic
+from stages.device import OnDevice, autocast, model_device
 from stages.errors import DataValidationError, DivergenceError
 from stages.losses import content_mask, dpo_nll_loss, sequence_logps
 from stages.policy import PolicyResult, save_policy
@@ -40,7 +41,7 @@ PAIR_KINDS = ("chosen>rejected", "edited>chosen", "edited>rejected")
 FORMATTING_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>")
 
 
-class DPOConfig(StageConfig):
+class DPOConfig(OnDevice):
     """DPO with Llama 3's modifications; defaults are Llama 3's (section 4.1.4) where the paper states them."""
 
     lr: float = Field(1e-5, gt=0, description="peak learning rate (Llama 3: 1e-5)")
@@ -93,25 +94,63 @@ def response_tokens(tok, prompt: Any, response: str, max_tokens: int,
     return ids[-max_tokens:], keep.int().tolist()[-max_tokens:]
 
 
-def _pad(seqs: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad(seqs: Sequence[tuple[list[int], list[int]]], pad: int, device: torch.device | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids, _ in seqs)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in seqs])
-    attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in seqs])
-    mask = torch.tensor([m + [0] * (width - len(m)) for _, m in seqs])
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in seqs], device=device)
+    attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in seqs], device=device)
+    mask = torch.tensor([m + [0] * (width - len(m)) for _, m in seqs], device=device)
     return ids, attn, mask
 
 
-def logps(model, seqs: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the masked tokens of each sequence and their counts, (N,) each."""
-    ids, attn, mask = _pad(seqs, pad)
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+def logps(model, seqs: Sequence[tuple[list[int], list[int]]], pad: int, dtype: torch.dtype = torch.float32
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the masked tokens of each sequence and their counts, (N,) each (on the model's device;
+    the forward in ``dtype`` under autocast, the log-softmax in float32)."""
+    device = model_device(model)
+    ids, attn, mask = _pad(seqs, pad, device)
+    with autocast(device, dtype):
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
     return sequence_logps(logits[:, :-1], ids[:, 1:], mask[:, 1:]), mask[:, 1:].sum(dim=1)
 
 
+def _reference_logps(model, cfg: DPOConfig, policy_dir: str | Path, batch_dir: str | Path,
+                     chosen: Sequence[tuple[list[int], list[int]]], rejected: Sequence[tuple[list[int], list[int]]],
+                     pad: int, dtype: torch.dtype, cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen reference's summed log-probs of one batch's chosen and rejected responses, (n,) each. Cached
+    under ``cache`` by content (the reference weights, the batch's files and what shapes the numbers: tokens,
+    masking, micro-batching, device and dtype), so another DPO run on the same policy and batch (a new beta or
+    learning rate, more epochs) reads them instead of running the reference again (as open-instruct does)."""
+    device = model_device(model)
+    path = None
+    if cache is not None:
+        key = config_hash("dpo-reference", tree_sha256(policy_dir, "*.safetensors"), tree_sha256(batch_dir),
+                          sorted(cfg.kinds), cfg.max_tokens, cfg.mask_formatting, cfg.micro_pairs, device.type,
+                          str(dtype))
+        path = cache / key / "logps.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                if len(z["chosen"]) == len(chosen):
+                    return torch.from_numpy(z["chosen"]).to(device), torch.from_numpy(z["rejected"]).to(device)
+    ref_c, ref_r = torch.zeros(len(chosen), device=device), torch.zeros(len(chosen), device=device)
+    with torch.no_grad():
+        for i in range(0, len(chosen), cfg.micro_pairs):
+            j = slice(i, i + cfg.micro_pairs)
+            ref_c[j] = logps(model, chosen[j], pad, dtype)[0]
+            ref_r[j] = logps(model, rejected[j], pad, dtype)[0]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".logps.tmp.npz")
+        np.savez(tmp, chosen=ref_c.cpu().numpy(), rejected=ref_r.cpu().numpy())
+        tmp.replace(path)
+    return ref_c, ref_r
+
+
 def dpo(cfg: DPOConfig, policy_dir: str | Path, batch_dirs: Sequence[str | Path], out_dir: str | Path, *,
-        sink: MetricsSink = NULL_SINK) -> PolicyResult:
+        sink: MetricsSink = NULL_SINK, ref_cache: str | Path | None = None) -> PolicyResult:
     """Fine-tune the policy in ``policy_dir`` with DPO on the preference batches ``batch_dirs`` (in collection
-    order, so ``last_batches`` picks the newest); write ``out_dir/model``."""
+    order, so ``last_batches`` picks the newest); write ``out_dir/model``. ``ref_cache``: a folder where the
+    reference log-probs of each batch are kept by content (:func:`_reference_logps`)."""
     from stages.collect import load_policy
     from stages.reward import batch_pairs
 
@@ -123,11 +162,13 @@ def dpo(cfg: DPOConfig, policy_dir: str | Path, batch_dirs: Sequence[str | Path]
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     used = list(batch_dirs)[-cfg.last_batches:] if cfg.last_batches else list(batch_dirs)
-    pairs = [p for d in used for p in batch_pairs(d, "none") if p.kind in cfg.kinds]
+    per_batch = [(d, [p for p in batch_pairs(d, "none") if p.kind in cfg.kinds]) for d in used]
+    pairs = [p for _, ps in per_batch for p in ps]
     if not pairs:
         raise DataValidationError(f"no {list(cfg.kinds)} pairs in {len(used)} batch(es)", field="kinds")
 
-    model, tok = load_policy(policy_dir)
+    model, tok = load_policy(policy_dir, cfg, train=True)  # float32 weights on cfg's device, forwards in its dtype
+    device, dtype = cfg.torch_device(), cfg.torch_dtype()
     model.config.use_cache = False
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     fmt = formatting_ids(tok) if cfg.mask_formatting else []
@@ -135,12 +176,12 @@ def dpo(cfg: DPOConfig, policy_dir: str | Path, batch_dirs: Sequence[str | Path]
     rejected = [response_tokens(tok, p.prompt, p.rejected, cfg.max_tokens, fmt) for p in pairs]
 
     model.eval()
-    ref_c, ref_r = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    with torch.no_grad():  # the frozen reference: the initial policy's log-probs, computed once
-        for i in range(0, len(pairs), cfg.micro_pairs):
-            j = slice(i, i + cfg.micro_pairs)
-            ref_c[j] = logps(model, chosen[j], pad)[0]
-            ref_r[j] = logps(model, rejected[j], pad)[0]
+    refs, at = [], 0  # the frozen reference: the initial policy's log-probs, once per batch file
+    for d, ps in per_batch:
+        refs.append(_reference_logps(model, cfg, policy_dir, d, chosen[at:at + len(ps)], rejected[at:at + len(ps)],
+                                     pad, dtype, Path(ref_cache) if ref_cache is not None else None))
+        at += len(ps)
+    ref_c, ref_r = torch.cat([c for c, _ in refs]), torch.cat([r for _, r in refs])
 
     n_train = max(1, math.ceil(cfg.epochs * len(pairs)))  # pair visits: whole epochs, then part of one
     total = math.ceil(n_train / cfg.batch_pairs)
@@ -163,7 +204,7 @@ def dpo(cfg: DPOConfig, policy_dir: str | Path, batch_dirs: Sequence[str | Path]
         sums = {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0, "chosen_nll": 0.0}
         for i in range(0, len(batch), cfg.micro_pairs):
             mb = batch[i:i + cfg.micro_pairs]
-            lp, n = logps(model, [chosen[k] for k in mb] + [rejected[k] for k in mb], pad)
+            lp, n = logps(model, [chosen[k] for k in mb] + [rejected[k] for k in mb], pad, dtype)
             pi_c, pi_r, n_c = lp[:len(mb)], lp[len(mb):], n[:len(mb)]
             rc, rr = ref_c[mb], ref_r[mb]
             loss = dpo_nll_loss(pi_c, pi_r, rc, rr, n_c, cfg.beta, cfg.nll_coef)

@@ -184,3 +184,29 @@ def test_dpo_config_validates_kinds_and_uses_last_batches(policy_dir, tmp_path):
     res = dpo(cfg, policy_dir, [b1, b2], tmp_path / "dpo")
     assert res.metrics["pairs"] == 2
     assert json.loads((tmp_path / "dpo" / "manifest.json").read_text())["batches"] == [str(b2)]
+
+
+def test_dpo_reference_log_probs_are_cached_per_batch_by_content(policy_dir, tmp_path):
+    src1, src2 = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    src1.write_text("".join(json.dumps(r) + "\n" for r in _prefs(6)))
+    src2.write_text("".join(json.dumps(r) + "\n" for r in _prefs(4, start=50)))
+    _, b1 = ingest_file(src1, tmp_path / "prefs", batch_id="w1")
+    _, b2 = ingest_file(src2, tmp_path / "prefs", batch_id="w2")
+    cfg = DPOConfig(lr=1e-4, batch_pairs=4, micro_pairs=2, max_tokens=64, num_threads=1)
+    cache = tmp_path / "ref"
+    plain = dpo(cfg, policy_dir, [b1, b2], tmp_path / "plain")
+    first = dpo(cfg, policy_dir, [b1, b2], tmp_path / "first", ref_cache=cache)
+    assert first.metrics == plain.metrics  # the cache changes nothing
+    files = sorted(cache.glob("*/logps.npz"))
+    assert len(files) == 2  # one per batch
+    assert sorted(len(np.load(f)["chosen"]) for f in files) == [4, 6]
+    # another config on the same policy and batches reads them: prove it by planting other values
+    for f in files:
+        n = len(np.load(f)["chosen"])
+        np.savez(f, chosen=np.full(n, -1.0, dtype=np.float32), rejected=np.full(n, -50.0, dtype=np.float32))
+    again = dpo(cfg.derive(lr=2e-4), policy_dir, [b1, b2], tmp_path / "again", ref_cache=cache)
+    hist = json.loads((tmp_path / "again" / "metrics.json").read_text())["history"]
+    assert hist[0]["reward_margin"] < -1.0  # the planted reference, not the policy itself (margin ~0)
+    assert again.metrics["pairs"] == 10 and sorted(cache.glob("*/logps.npz")) == files
+    assert dpo(cfg.derive(max_tokens=48), policy_dir, [b1, b2], tmp_path / "other", ref_cache=cache).metrics
+    assert len(list(cache.glob("*/logps.npz"))) == 4  # max_tokens changes the tokens: new entries
