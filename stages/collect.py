@@ -92,20 +92,22 @@ def load_policy(model_dir: str | Path, on: OnDevice | None = None, *, train: boo
 @torch.no_grad()
 def generate(model, tok, prompts: Sequence[str | list[dict]], *, temperature: float, cfg: GenerationConfig,
              seed: int = 0) -> tuple[list[str], dict[str, float]]:
-    """Sample one response per prompt. Returns the texts and ``{"tokens", "seconds", "tokens_per_s"}``."""
+    """Sample one response per prompt (in batches of prompts of similar length, answers in the prompts' order).
+    Returns the texts and ``{"tokens", "seconds", "tokens_per_s"}``."""
     eot = tok.get_vocab().get("<|eot_id|>")  # herd's end of turn; other templates end turns with their eos
     stop = [t for t in (eot, tok.eos_token_id) if t is not None and t >= 0]
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
-    outs: list[str] = []
+    outs: list[str] = [""] * len(prompts)
     n_tokens, t0 = 0, time.perf_counter()
     torch.manual_seed(seed)
-    for i in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[i:i + cfg.batch_size]
-        ids = [chat_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in chunk]
-        for toks in sample(model, ids, max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k,
-                           top_p=cfg.top_p, stop=stop, pad=pad):
+    rows = [chat_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in prompts]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of like lengths: little left padding
+    for i in range(0, len(order), cfg.batch_size):
+        idx = order[i:i + cfg.batch_size]
+        for j, toks in zip(idx, sample(model, [rows[j] for j in idx], max_new_tokens=cfg.max_new_tokens,
+                                       temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=stop, pad=pad)):
             n_tokens += len(toks)
-            outs.append(tok.decode(toks, skip_special_tokens=True).strip())
+            outs[j] = tok.decode(toks, skip_special_tokens=True).strip()
     seconds = time.perf_counter() - t0
     return outs, {"tokens": float(n_tokens), "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9)}
 

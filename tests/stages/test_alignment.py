@@ -354,3 +354,16 @@ def test_schedule_is_llama2_by_default_and_llama3_is_one_override(tmp_path):
         load_section("alignment", "tiny", bad)
     with pytest.raises(ValueError, match="at least one"):
         AlignmentConfig(schedule=[[]])
+
+
+def test_generate_batches_prompts_by_length_and_answers_in_order(policy_dir):
+    """Prompts are batched by length (less left padding); each answer still belongs to its prompt: greedy answers
+    of mixed-length prompts in batches of 3 equal those of one prompt at a time."""
+    model, tok = load_policy(policy_dir)
+    prompts = ["Hi", "Tell me something about the trees we see every evening, please, in detail.", "Go",
+               "Tell me something.", "Every evening we see trees, and then what happens next in the story?", "Why"]
+    batched, _ = generate(model, tok, prompts, temperature=0.0, cfg=GenerationConfig(max_new_tokens=8, batch_size=3))
+    alone = [generate(model, tok, [p], temperature=0.0, cfg=GenerationConfig(max_new_tokens=8, batch_size=1))[0][0]
+             for p in prompts]
+    assert batched == alone
+    assert len(set(alone)) > 1  # the prompts do get different answers, so an order mix-up would show
