@@ -144,13 +144,15 @@ def test_stages_run_on_an_explicit_device(policy_dir, batch, tmp_path, dtype):
     assert all(math.isfinite(v) for v in p.metrics.values()) and _weights_dtypes(p.model_dir) == {torch.float32}
 
 
-def test_explicit_cpu_float32_is_what_auto_does_here(policy_dir, batch, tmp_path):
-    if not NO_GPU:
-        pytest.skip("auto is cuda here")
+def test_auto_is_the_explicit_device_it_resolves_to(policy_dir, batch, tmp_path):
+    """`auto` is nothing but its resolution: cpu/float32 here, cuda/bfloat16 on a GPU machine."""
     cfg = DPOConfig(lr=1e-4, batch_pairs=8, micro_pairs=4, max_tokens=64)
+    device, dtype = cfg.torch_device(), cfg.torch_dtype()
+    assert (device.type, dtype) == (("cpu", torch.float32) if NO_GPU else ("cuda", torch.bfloat16))
     auto = dpo(cfg, policy_dir, [batch], tmp_path / "auto")
-    cpu = dpo(cfg.derive(device="cpu", dtype="float32"), policy_dir, [batch], tmp_path / "cpu")
-    assert auto.metrics == cpu.metrics
+    explicit = dpo(cfg.derive(device=device.type, dtype=str(dtype).removeprefix("torch.")), policy_dir, [batch],
+                   tmp_path / "explicit")
+    assert auto.metrics == explicit.metrics
 
 
 @pytest.mark.gpu
