@@ -185,11 +185,12 @@ class _Segment:
 
 @torch.no_grad()
 def choice_loglikelihoods(model, tok, items: Sequence[MCItem], prefixes: Sequence[str], *, batch_tokens: int,
-                          max_length: int, device: torch.device, progress: Callable[[int], None] | None = None
-                          ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                          max_length: int, device: torch.device, progress: Callable[[int], None] | None = None,
+                          work: dict[str, int] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per item: the summed log-likelihood of each choice's continuation, and whether each continuation is
     the model's greedy output (every token the argmax; checked only where an item asks, ``greedy_check``: False
-    elsewhere)."""
+    elsewhere). ``work``, when given, accumulates what the forwards computed: ``forwards``, ``tokens`` (real),
+    ``padded_tokens`` (rows x padded length: what the decoder ran) and ``head_rows`` (positions the LM head ran)."""
     bos = bos_prefix(tok)
     check_greedy = any(it.greedy_check for it in items)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -221,7 +222,11 @@ def choice_loglikelihoods(model, tok, items: Sequence[MCItem], prefixes: Sequenc
     done_items: set[int] = set()
     for batch in batches:
         rows = [segments[order[j]] for j in batch]
-        _score_rows(model, rows, lls, greedy, pad, device, check_greedy)
+        head_rows = _score_rows(model, rows, lls, greedy, pad, device, check_greedy)
+        if work is not None:
+            for key, n in (("forwards", 1), ("tokens", sum(len(r.tokens) for r in rows)),
+                           ("padded_tokens", len(rows) * max(len(r.tokens) for r in rows)), ("head_rows", head_rows)):
+                work[key] = work.get(key, 0) + n
         if progress is not None:
             new = {s.item for s in rows} - done_items
             done_items |= new
@@ -284,10 +289,11 @@ def _attention(seg: torch.Tensor, ctx: torch.Tensor, lo: torch.Tensor, hi: torch
 
 
 def _score_rows(model, rows: list[_Segment], lls: list[np.ndarray], greedy: list[np.ndarray], pad: int,
-                device: torch.device, check_greedy: bool) -> None:
+                device: torch.device, check_greedy: bool) -> int:
     """One forward over a batch of packed rows (a segment each, padded at the end); the LM head runs only at the scored positions (the context's last
     position once for every choice's first token, and each trie token once for every choice it starts). The
-    argmax (is each continuation the greedy output?) is taken only when ``check_greedy``."""
+    argmax (is each continuation the greedy output?) is taken only when ``check_greedy``. Returns the number of
+    positions the LM head ran at."""
     B, W = len(rows), max(len(s.tokens) for s in rows)
     ids = np.full((B, W), pad, dtype=np.int64)
     pos = np.zeros((B, W), dtype=np.int64)
@@ -342,6 +348,7 @@ def _score_rows(model, rows: list[_Segment], lls: list[np.ndarray], greedy: list
     for k, (it, c) in enumerate(conts):
         lls[it][c] = sums[k]
         greedy[it][c] = misses[k] == 0
+    return len(q_of)
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -574,11 +581,12 @@ def evaluate_model(cfg: HarnessConfig, model_dir: str | Path, tasks: Sequence[An
         if task.kind == "mc":
             shots = 0 if cfg.shots is None else cfg.shots
             prefixes = fewshot_prefixes(task, items, shots, cfg.seed)
+            work: dict[str, int] = {}
             lls, greedy = choice_loglikelihoods(model, tok, header_first(task, items, shots), prefixes,
-                                                batch_tokens=cfg.batch_tokens,
-                                                max_length=max_length, device=device, progress=tick)
+                                                batch_tokens=cfg.batch_tokens, max_length=max_length,
+                                                device=device, progress=tick, work=work)
             metrics, stderr, recs = mc_metrics(items, lls, greedy, task.chance, cfg.n_boot, cfg.seed)
-            extra: dict[str, float] = {}
+            extra: dict[str, float] = dict(work)
         else:
             shots = task.default_shots if hasattr(task, "default_shots") else 0
             metrics, stderr, recs, extra = _score_generative(cfg, model, tok, task, items, chat, max_length, device,
