@@ -121,7 +121,7 @@ def reward_models_flow(config: RewardsConfig = tiny().rewards, sft_model: str | 
             unseen = ingested if seen is None else [b for b in batches if Path(b).name not in seen]
             new += [b for b in unseen if b not in new]
             stale[rm.category] = [x for x in (staleness_task(rm, current, b, run_id) for b in unseen) if x]
-            results[rm.category] = reward_model_task(rm, init, batches, str(s.store), run_id)
+            results[rm.category] = reward_model_task(rm, init, batches, str(s.store), run_id, config.nproc)
             report(f"rm-{rm.category}", {})
     set_latest(s.home, rm_helpfulness=results["helpfulness"]["model_dir"], rm_safety=results["safety"]["model_dir"])
     return {"batches": [Path(b).name for b in batches], "new_batches": [Path(b).name for b in new],

@@ -170,9 +170,14 @@ def _ppo(cfg: AlignmentConfig, parent: str, inp: RoundInputs, out: Path, sink: M
                value_init_dir=inp.value_init_dir, sink=sink)
 
 
+def dpo_reference_cache(out: Path) -> Path:
+    """Where a DPO step writing ``out`` keeps the reference log-probs of each batch: beside the algorithm's
+    outputs, by content."""
+    return Path(out).parent.parent / "dpo-reference"
+
+
 def _dpo(cfg: AlignmentConfig, parent: str, inp: RoundInputs, out: Path, sink: MetricsSink) -> PolicyResult:
-    # the reference log-probs of each batch are kept beside the algorithm's outputs, by content
-    return dpo(cfg.dpo, parent, inp.batch_dirs, out, sink=sink, ref_cache=out.parent.parent / "dpo-reference")
+    return dpo(cfg.dpo, parent, inp.batch_dirs, out, sink=sink, ref_cache=dpo_reference_cache(out))
 
 
 ALGORITHMS: dict[Algorithm, Step] = {Algorithm.rejection_sampling: _rs, Algorithm.ppo: _ppo, Algorithm.dpo: _dpo}

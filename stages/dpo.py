@@ -13,6 +13,11 @@ would give at every step).
 
 Outputs ``out_dir/``: ``model/`` (the new policy), ``metrics.json`` (per-step history) and
 ``manifest.json`` (last); a complete manifest means the stage already ran and its result is returned.
+
+Distributed (``alignment.dpo.nproc`` > 1, launched by ``tasks/torchrun_stage.py``): the reference log-probs are
+computed a share per process and summed; each rank then trains on its slice of every step's pairs with gradients
+averaged (``parallelism: ddp``) or the policy sharded per decoder layer (``fsdp``, FSDP2), as in pretraining
+(``stages.distributed``); rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from stages.common import NULL_SINK, MetricsSink, config_hash, read_manifest, tree_sha256, write_json_atomic
-from stages.device import OnDevice, autocast, model_device
+from stages.device import OnDevice, autocast, model_device, resolve_device
+from stages.distributed import Processes, Unsharded, check_pair_processes, clip_grad_norm
 from stages.errors import DataValidationError, DivergenceError
 from stages.losses import content_mask, dpo_nll_loss, sequence_logps
 from stages.policy import PolicyResult, save_policy
@@ -65,6 +71,13 @@ class DPOConfig(OnDevice):
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip, 0 = off")
     num_threads: int = Field(0, ge=0, description="torch threads (0: leave the default)")
     seed: int = Field(0, description="pair order")
+    nproc: int = Field(1, ge=1, description="processes; > 1 launches torchrun (parallelism: DDP or FSDP2, on "
+                       "gloo/nccl)")
+    parallelism: str = Field("ddp", pattern="^(ddp|fsdp)$", description="with nproc > 1: 'ddp' replicates the policy "
+                             "on every process; 'fsdp' shards parameters, gradients and optimizer state per decoder "
+                             "layer (FSDP2 fully_shard; with bfloat16: bf16 parameters, fp32 gradient reduction)")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the "
+                                           "backward pass: less memory for about a third more compute")
 
     @field_validator("kinds")
     @classmethod
@@ -73,6 +86,11 @@ class DPOConfig(OnDevice):
         if bad or not v:
             raise ValueError(f"kinds: {bad or 'empty'}; choose one or more of {list(PAIR_KINDS)}")
         return v
+
+    @model_validator(mode="after")
+    def _processes(self) -> DPOConfig:
+        check_pair_processes(self.nproc, self.parallelism, self.batch_pairs)
+        return self
 
 
 def formatting_ids(tok) -> list[int]:
@@ -116,11 +134,14 @@ def logps(model, seqs: Sequence[tuple[list[int], list[int]]], pad: int, dtype: t
 
 def _reference_logps(model, cfg: DPOConfig, policy_dir: str | Path, batch_dir: str | Path,
                      chosen: Sequence[tuple[list[int], list[int]]], rejected: Sequence[tuple[list[int], list[int]]],
-                     pad: int, dtype: torch.dtype, cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+                     pad: int, dtype: torch.dtype, cache: Path | None, procs: Processes = Processes()
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen reference's summed log-probs of one batch's chosen and rejected responses, (n,) each. Cached
     under ``cache`` by content (the reference weights, the batch's files and what shapes the numbers: tokens,
     masking, micro-batching, device and dtype), so another DPO run on the same policy and batch (a new beta or
-    learning rate, more epochs) reads them instead of running the reference again (as open-instruct does)."""
+    learning rate, more epochs) reads them instead of running the reference again (as open-instruct does).
+    Under torchrun (``procs``, the model not yet sharded) each process scores every ``world_size``-th micro-batch and
+    the shares are summed: the same micro-batches, so the same numbers; rank 0 writes the cache."""
     device = model_device(model)
     path = None
     if cache is not None:
@@ -134,11 +155,17 @@ def _reference_logps(model, cfg: DPOConfig, policy_dir: str | Path, batch_dir: s
                     return torch.from_numpy(z["chosen"]).to(device), torch.from_numpy(z["rejected"]).to(device)
     ref_c, ref_r = torch.zeros(len(chosen), device=device), torch.zeros(len(chosen), device=device)
     with torch.no_grad():
-        for i in range(0, len(chosen), cfg.micro_pairs):
+        for n, i in enumerate(range(0, len(chosen), cfg.micro_pairs)):
+            if n % procs.world_size != procs.rank:
+                continue
             j = slice(i, i + cfg.micro_pairs)
             ref_c[j] = logps(model, chosen[j], pad, dtype)[0]
             ref_r[j] = logps(model, rejected[j], pad, dtype)[0]
-    if path is not None:
+    if procs.dist is not None:  # every entry is one process's number, zero on the others
+        both = torch.stack([ref_c, ref_r])
+        procs.dist.all_reduce(both)
+        ref_c, ref_r = both[0], both[1]
+    if path is not None and procs.rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".logps.tmp.npz")
         np.savez(tmp, chosen=ref_c.cpu().numpy(), rejected=ref_r.cpu().numpy())
@@ -150,7 +177,8 @@ def dpo(cfg: DPOConfig, policy_dir: str | Path, batch_dirs: Sequence[str | Path]
         sink: MetricsSink = NULL_SINK, ref_cache: str | Path | None = None) -> PolicyResult:
     """Fine-tune the policy in ``policy_dir`` with DPO on the preference batches ``batch_dirs`` (in collection
     order, so ``last_batches`` picks the newest); write ``out_dir/model``. ``ref_cache``: a folder where the
-    reference log-probs of each batch are kept by content (:func:`_reference_logps`)."""
+    reference log-probs of each batch are kept by content (:func:`_reference_logps`). Under torchrun every process
+    calls it: each trains on its slice of every step, rank 0 writes the outputs, all return its result."""
     from stages.collect import load_policy
     from stages.reward import batch_pairs
 
@@ -158,6 +186,7 @@ def dpo(cfg: DPOConfig, policy_dir: str | Path, batch_dirs: Sequence[str | Path]
     done = read_manifest(out_dir)
     if done is not None and "result" in done:
         return PolicyResult.model_validate(done["result"])
+    procs = Processes.current(cfg.parallelism, fix="set alignment.dpo.nproc to 2 or more, or parallelism: ddp")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -167,9 +196,14 @@ def dpo(cfg: DPOConfig, policy_dir: str | Path, batch_dirs: Sequence[str | Path]
     if not pairs:
         raise DataValidationError(f"no {list(cfg.kinds)} pairs in {len(used)} batch(es)", field="kinds")
 
-    model, tok = load_policy(policy_dir, cfg, train=True)  # float32 weights on cfg's device, forwards in its dtype
-    device, dtype = cfg.torch_device(), cfg.torch_dtype()
-    model.config.use_cache = False
+    device, dtype = resolve_device(cfg.device, procs.rank), cfg.torch_dtype()
+
+    def fresh():  # float32 weights on this process's device, forwards in dtype under autocast
+        policy, tok = load_policy(policy_dir)
+        policy.config.use_cache = False
+        return policy.to(device), tok
+
+    model, tok = fresh()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     fmt = formatting_ids(tok) if cfg.mask_formatting else []
     chosen = [response_tokens(tok, p.prompt, p.chosen, cfg.max_tokens, fmt) for p in pairs]
@@ -179,12 +213,15 @@ def dpo(cfg: DPOConfig, policy_dir: str | Path, batch_dirs: Sequence[str | Path]
     refs, at = [], 0  # the frozen reference: the initial policy's log-probs, once per batch file
     for d, ps in per_batch:
         refs.append(_reference_logps(model, cfg, policy_dir, d, chosen[at:at + len(ps)], rejected[at:at + len(ps)],
-                                     pad, dtype, Path(ref_cache) if ref_cache is not None else None))
+                                     pad, dtype, Path(ref_cache) if ref_cache is not None else None, procs))
         at += len(ps)
     ref_c, ref_r = torch.cat([c for c, _ in refs]), torch.cat([r for _, r in refs])
 
     n_train = max(1, math.ceil(cfg.epochs * len(pairs)))  # pair visits: whole epochs, then part of one
     total = math.ceil(n_train / cfg.batch_pairs)
+    model.train()
+    model, fwd = procs.prepare(model, device, bf16=dtype == torch.bfloat16,
+                               activation_checkpointing=cfg.activation_checkpointing)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -197,34 +234,37 @@ def dpo(cfg: DPOConfig, policy_dir: str | Path, batch_dirs: Sequence[str | Path]
         rng.shuffle(epoch)
         order += epoch
     order = order[:n_train]
-    model.train()
     history: list[dict[str, float]] = []
     for step in range(total):
         batch = order[step * cfg.batch_pairs:(step + 1) * cfg.batch_pairs]
         sums = {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0, "chosen_nll": 0.0}
-        for i in range(0, len(batch), cfg.micro_pairs):
-            mb = batch[i:i + cfg.micro_pairs]
-            lp, n = logps(model, [chosen[k] for k in mb] + [rejected[k] for k in mb], pad, dtype)
-            pi_c, pi_r, n_c = lp[:len(mb)], lp[len(mb):], n[:len(mb)]
-            rc, rr = ref_c[mb], ref_r[mb]
-            loss = dpo_nll_loss(pi_c, pi_r, rc, rr, n_c, cfg.beta, cfg.nll_coef)
-            if not torch.isfinite(loss):
-                raise DivergenceError(f"DPO loss became {float(loss)} at step {step + 1}; lower lr (now {cfg.lr})")
-            (loss * len(mb) / len(batch)).backward()
-            with torch.no_grad():
-                margin = cfg.beta * ((pi_c - rc) - (pi_r - rr))
-                sums["loss"] += float(loss) * len(mb)
-                sums["reward_accuracy"] += float((margin > 0).float().sum())
-                sums["reward_margin"] += float(margin.sum())
-                sums["chosen_nll"] += float((-pi_c / n_c.clamp(min=1)).sum())
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+        pieces = procs.micro_batches(batch, cfg.micro_pairs)  # this process's share of the step
+        for k, (mb, weight) in enumerate(pieces):
+            with procs.sync(fwd, k == len(pieces) - 1):
+                lp, n = logps(fwd, [chosen[i] for i in mb] + [rejected[i] for i in mb], pad, dtype)
+                pi_c, pi_r, n_c = lp[:len(mb)], lp[len(mb):], n[:len(mb)]
+                rc, rr = ref_c[mb], ref_r[mb]
+                loss = dpo_nll_loss(pi_c, pi_r, rc, rr, n_c, cfg.beta, cfg.nll_coef)
+                if not torch.isfinite(loss):
+                    raise DivergenceError(f"DPO loss became {float(loss)} at step {step + 1}; lower lr (now {cfg.lr})")
+                (loss * weight / len(batch)).backward()  # weight 0: a filler piece (collectives line up)
+            if weight:
+                with torch.no_grad():
+                    margin = cfg.beta * ((pi_c - rc) - (pi_r - rr))
+                    sums["loss"] += float(loss) * len(mb)
+                    sums["reward_accuracy"] += float((margin > 0).float().sum())
+                    sums["reward_margin"] += float(margin.sum())
+                    sums["chosen_nll"] += float((-pi_c / n_c.clamp(min=1)).sum())
+        sums = dict(zip(sums, procs.sum(list(sums.values()), device)))
+        gnorm = clip_grad_norm(model.parameters(), cfg.grad_clip)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         row = {k: v / len(batch) for k, v in sums.items()} | {"lr": lr, "grad_norm": gnorm}
         history.append(row)
-        sink.log_metrics(row, step + 1)
+        if procs.rank == 0:
+            sink.log_metrics(row, step + 1)
         log.info("DPO %d/%d: loss %.4f, reward accuracy %.3f, margin %.4f, chosen NLL %.3f", step + 1, total,
                  row["loss"], row["reward_accuracy"], row["reward_margin"], row["chosen_nll"])
 
@@ -234,15 +274,19 @@ def dpo(cfg: DPOConfig, policy_dir: str | Path, batch_dirs: Sequence[str | Path]
                "reward_accuracy_last": float(np.mean([h["reward_accuracy"] for h in tail])),
                "reward_margin_last": float(np.mean([h["reward_margin"] for h in tail])),
                "chosen_nll_last": float(np.mean([h["chosen_nll"] for h in tail]))}
-    model.eval()
-    model_dir = save_policy(model, tok, out_dir)
-    write_json_atomic(out_dir / "metrics.json", {"history": history})
-    result = PolicyResult(model_dir=model_dir, algorithm="dpo", parent_dir=str(policy_dir), metrics=metrics,
-                          files={"metrics": str(out_dir / "metrics.json")})
-    write_json_atomic(out_dir / "manifest.json", {
-        "stage": "dpo", "config": cfg.model_dump(mode="json"), "policy_dir": str(policy_dir),
-        "batches": [str(d) for d in used], "result": result.model_dump(mode="json")})
-    log.info("DPO: %d steps on %d pairs from %d batch(es), loss %.4f -> %.4f, reward accuracy %.3f -> %s",
-             len(history), len(pairs), len(used), metrics["loss_first"], metrics["loss_last"],
-             metrics["reward_accuracy_last"], model_dir)
-    return result
+    final = Unsharded(model, procs, lambda: fresh()[0])()  # under FSDP a collective; the weights on rank 0
+    result = None
+    if procs.rank == 0:
+        final.eval()
+        model_dir = save_policy(final, tok, out_dir)
+        write_json_atomic(out_dir / "metrics.json", {"history": history})
+        result = PolicyResult(model_dir=model_dir, algorithm="dpo", parent_dir=str(policy_dir), metrics=metrics,
+                              files={"metrics": str(out_dir / "metrics.json")})
+        write_json_atomic(out_dir / "manifest.json", {
+            "stage": "dpo", "config": cfg.model_dump(mode="json"), "policy_dir": str(policy_dir),
+            "batches": [str(d) for d in used], "world_size": procs.world_size,
+            "result": result.model_dump(mode="json")})
+        log.info("DPO: %d steps on %d pairs from %d batch(es), loss %.4f -> %.4f, reward accuracy %.3f -> %s",
+                 len(history), len(pairs), len(used), metrics["loss_first"], metrics["loss_last"],
+                 metrics["reward_accuracy_last"], model_dir)
+    return procs.broadcast(result)

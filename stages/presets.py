@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from stages.common import StageConfig
 from stages.curation.pipeline import CurationConfig
 from stages.data.fetch import FetchConfig, smoke_fetch, tiny_fetch
+from stages.distributed import check_train_processes
 from stages.errors import ConfigError
 from stages.mix import MixConfig
 from stages.pretrain import PretrainConfig
@@ -56,14 +57,7 @@ class PretrainingConfig(StageConfig):
 
     @model_validator(mode="after")
     def _processes(self) -> PretrainingConfig:
-        if self.train.parallelism == "fsdp" and self.nproc == 1:
-            raise ValueError("train.parallelism 'fsdp' shards the model over several processes: set nproc to 2 or "
-                             "more, or train.parallelism to 'ddp'")
-        per_rank = self.train.sequences_per_batch / (self.nproc * self.train.micro_batch_size)
-        if self.nproc > 1 and (per_rank < 1 or per_rank != int(per_rank)):
-            raise ValueError(f"nproc {self.nproc} x train.micro_batch_size {self.train.micro_batch_size} must divide "
-                             f"the global batch of {self.train.sequences_per_batch} sequences (train.batch_tokens / "
-                             "train.seq_len): change nproc, micro_batch_size or batch_tokens")
+        check_train_processes(self.nproc, self.train)
         return self
 
 

@@ -8,12 +8,12 @@ uninterrupted loss curve exactly (same device, fp32).
 
 Distributed: the caller (``tasks/torchrun_pretrain.py``) initialises ``torch.distributed``; here each
 rank takes its contiguous slice of every global batch and gradients are averaged by DDP, or, with
-``parallelism: fsdp``, the model is sharded per decoder layer (FSDP2) and gradients reduce-scattered.
+``parallelism: fsdp``, the model is sharded per decoder layer (FSDP2) and gradients reduce-scattered
+(``stages.distributed``, shared with the reward-model and DPO trainers).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -31,6 +31,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, config_hash, read_manifest, write_json_atomic
 from stages.device import resolve_device
+from stages.distributed import Processes, Unsharded, clip_grad_norm, enable_activation_checkpointing, load_optim_state, \
+    optim_state, shard
 from stages.errors import ConfigError, DataValidationError, DivergenceError
 from stages.model import (
     ModelConfig,
@@ -285,12 +287,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -331,7 +327,7 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _save_checkpoint(out_dir: Path, step: int, model, optim_state: dict, scheduler, extra: dict, keep: int) -> Path:
-    """``model``: an unsharded module holding the weights; ``optim_state``: ``_optim_state``'s FQN-keyed state, so a
+    """``model``: an unsharded module holding the weights; ``optim_state``: ``stages.distributed.optim_state``'s FQN-keyed state, so a
     checkpoint resumes under any process count and either parallelism."""
     from safetensors.torch import save_model
 
@@ -348,52 +344,6 @@ def _save_checkpoint(out_dir: Path, step: int, model, optim_state: dict, schedul
         shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint step %d -> %s", step, target)
     return target
-
-
-def _param_names(optimizer, model) -> list[str]:
-    """The fully qualified name of every optimizer parameter, in the optimizer's (state dict index) order."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def _optim_state(optimizer, model, fsdp: bool) -> dict:
-    """The optimizer's whole (unsharded) state keyed by parameter name, as ``torch.distributed.checkpoint``'s full
-    optimizer state dict is. Under FSDP a collective (every rank calls it); the state lands on rank 0 only."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    sd, names = optimizer.state_dict(), _param_names(optimizer, model)
-    return {"state": {names[i]: v for i, v in sd["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
-
-
-def _load_optim_state(optimizer, model, sd: dict, fsdp: bool) -> None:
-    """Load ``_optim_state``'s format (or an older checkpoint's index-keyed one) into a plain or sharded optimizer."""
-    groups = sd["param_groups"]
-    if any(isinstance(i, int) for g in groups for i in g["params"]):  # written before names: the same layout
-        optimizer.load_state_dict(sd)
-        return
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
-        return
-    index = {n: i for i, n in enumerate(_param_names(optimizer, model))}
-    optimizer.load_state_dict({"state": {index[n]: v for n, v in sd["state"].items()},
-                               "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups]})
-
-
-def _shard(model, bf16: bool) -> None:
-    """FSDP2: each decoder layer its own unit (all-gathered for its forward and backward, then freed), the root
-    holding the embeddings, final norm and head; with bf16, bf16 compute parameters and fp32 gradient reduction."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
@@ -465,13 +415,10 @@ def pretrain(
     if resume and done is not None and "result" in done:
         log.info("pretrain: %s already complete", out_dir)
         return PretrainResult.model_validate(done["result"])
-    dist = _dist()
+    procs = Processes.current(cfg.parallelism, fix="set pretraining.nproc to 2 or more, or parallelism: ddp")
+    dist, fsdp = procs.dist, procs.fsdp
     if dist is not None:
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    fsdp = cfg.parallelism == "fsdp"
-    if fsdp and dist is None:
-        raise ConfigError("parallelism: fsdp shards the model over the processes of a torchrun launch, and this run "
-                          "has none: set pretraining.nproc to 2 or more, or parallelism: ddp")
+        rank, world_size = procs.rank, procs.world_size
     accum = cfg.grad_accum_steps(world_size)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -530,12 +477,9 @@ def pretrain(
             raise ConfigError(f"checkpoint {ck_dir} was written for another model/vocab; use a fresh out_dir or resume=False")
         load_model(raw_model, str(ck_dir / "model.safetensors"), device=str(device))
     if cfg.activation_checkpointing:
-        if hasattr(raw_model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name before
-            raw_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(raw_model)
     if fsdp:
-        _shard(raw_model, cfg.bf16)
+        shard(raw_model, cfg.bf16)
     raw_model.train()
     optimizer = torch.optim.AdamW(
         _param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -545,7 +489,7 @@ def pretrain(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )
     if state is not None:
-        _load_optim_state(optimizer, raw_model, state["optimizer"], fsdp)
+        load_optim_state(optimizer, raw_model, state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         step, data_pos, history = state["step"], state["data_position"], list(state["loss_history"])
@@ -565,29 +509,15 @@ def pretrain(
     t_window, tok_window = time.perf_counter(), 0
     t_steady, tok_steady, steady_from = None, 0, step + 1
     last_loss = history[-1] if history else float("nan")
-    shadow: list = []  # under FSDP, rank 0's unsharded copy that checkpoints and the final model are written from
-
-    def unsharded():
-        """The model with all its weights on this process (under FSDP a collective: rank 0 gets them, in a CPU
-        copy; the other ranks None)."""
-        if not fsdp:
-            return raw_model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank != 0:
-            return None
-        if not shadow:
-            shadow.append(fresh_model())
-        shadow[0].load_state_dict(sd)
-        return shadow[0]
+    # under FSDP, rank 0's CPU copy with all the weights: checkpoints and the final model are written from it
+    unsharded = Unsharded(raw_model, procs, fresh_model)
 
     def save(at_step: int) -> Path | None:
-        weights, optim_state = unsharded(), _optim_state(optimizer, raw_model, fsdp)
+        weights, opt_state = unsharded(), optim_state(optimizer, raw_model, fsdp)
         if rank != 0:
             return None
         return _save_checkpoint(
-            out_dir, at_step, weights, optim_state, scheduler,
+            out_dir, at_step, weights, opt_state, scheduler,
             {"step": at_step, "data_position": data_pos, "loss_history": history, "model_key": model_key},
             cfg.keep_checkpoints,
         )
@@ -603,10 +533,8 @@ def pretrain(
             ids_t = torch.from_numpy(ids[sl]).to(device)
             labels_t = torch.from_numpy(labels[sl]).to(device)
             mask, pos = packed_inputs(torch.from_numpy(docs[sl, :-1]).to(device), attn_implementation=attn_impl)
-            if fsdp:  # reduce-scatter the gradients once, after the last micro-batch
-                raw_model.set_requires_gradient_sync(k == accum - 1)
-            sync = contextlib.nullcontext() if dist is None or fsdp or k == accum - 1 else model.no_sync()
-            with sync:
+            # reduce the gradients once, after the last micro-batch (FSDP: reduce-scatter)
+            with procs.sync(raw_model if fsdp else model, k == accum - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss_sum = fwd(ids_t, mask, pos, labels_t)
                 # DDP and FSDP average gradients over ranks; scale so the result is the global token mean.
@@ -619,8 +547,7 @@ def pretrain(
             raise DivergenceError(
                 f"loss is {loss} at step {step + 1}; lower PretrainConfig.lr (now {cfg.lr}) or raise warmup_steps"
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        grad_norm = clip_grad_norm(raw_model.parameters(), cfg.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()

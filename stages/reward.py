@@ -13,6 +13,10 @@ peak, warmup 3% of the steps with a minimum of 5, gradient clipping 1.0.
 
 Evaluation on held-out pairs (a hash of each record's digest, per batch): accuracy overall, per
 rating level (Llama 2 Table 8), per batch and per category.
+
+Distributed (``rewards.nproc`` > 1, launched by ``tasks/torchrun_stage.py``): each rank takes its slice of every
+step's pairs and gradients are averaged (``parallelism: ddp``) or the model is sharded per decoder layer
+(``fsdp``, FSDP2), as in pretraining (``stages.distributed``); rank 0 evaluates and writes the outputs.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, read_manifest, write_json_atomic
-from stages.device import OnDevice, autocast, model_device
+from stages.device import OnDevice, autocast, model_device, resolve_device
+from stages.distributed import Processes, Unsharded, check_pair_processes, clip_grad_norm
 from stages.errors import DataValidationError
 from stages.losses import margin_for, pair_accuracy, ranking_loss
 from stages.model import require_safetensors
@@ -64,6 +69,12 @@ class RMConfig(OnDevice):
                                  "order (Llama 2)")
     num_threads: int = Field(0, ge=0, description="torch threads (0: leave the default)")
     seed: int = Field(0, description="data order and head init")
+    parallelism: str = Field("ddp", pattern="^(ddp|fsdp)$", description="with rewards.nproc > 1: 'ddp' replicates "
+                             "the model on every process; 'fsdp' shards parameters, gradients and optimizer state per "
+                             "decoder layer (FSDP2 fully_shard; with bfloat16: bf16 parameters, fp32 gradient "
+                             "reduction)")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the "
+                                           "backward pass: less memory for about a third more compute")
 
 
 def _rm(category: str, other_ratio: float) -> RMConfig:
@@ -75,6 +86,15 @@ class RewardsConfig(StageConfig):
 
     helpfulness: RMConfig = Field(default_factory=lambda: _rm("helpfulness", 1.0), description="helpfulness RM")
     safety: RMConfig = Field(default_factory=lambda: _rm("safety", 1.0 / 9.0), description="safety RM")
+    nproc: int = Field(1, ge=1, description="processes per reward model; > 1 launches torchrun (each RM's "
+                       "parallelism: DDP or FSDP2, on gloo/nccl)")
+
+    @model_validator(mode="after")
+    def _processes(self) -> RewardsConfig:
+        for name in ("helpfulness", "safety"):
+            rm = getattr(self, name)
+            check_pair_processes(self.nproc, rm.parallelism, rm.batch_pairs, f"{name}.")
+        return self
 
 
 class Pair(BaseModel):
@@ -162,12 +182,12 @@ def load_reward_model(model_dir: str | Path, *, from_causal_lm: bool = False, se
             torch.manual_seed(seed)
             model = LlamaForSequenceClassification.from_pretrained(
                 model_dir, num_labels=1, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+            if from_causal_lm:  # seeded: the same head on every call, and on every process of a torchrun launch
+                torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(model.config.hidden_size + 1))
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tok.pad_token_id
     model.config.use_cache = False
-    if from_causal_lm:
-        torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(model.config.hidden_size + 1))
     if on is not None:
         model = model.to(device=on.torch_device(), dtype=None if train else on.torch_dtype())
     return model, tok
@@ -239,11 +259,14 @@ def group_by_length(order: Sequence[Pair], length: Callable[[Pair], int], batch:
 
 def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence[str | Path], out_dir: str | Path,
                        *, sink: MetricsSink = NULL_SINK) -> RMResult:
-    """Train one RM from ``init_dir`` (the SFT model folder, with tokenizer) on the stored batches."""
+    """Train one RM from ``init_dir`` (the SFT model folder, with tokenizer) on the stored batches. Under torchrun
+    every process calls it: each trains on its slice of every step, rank 0 writes the outputs, all return its
+    result."""
     out_dir = Path(out_dir)
     done = read_manifest(out_dir)
     if done is not None and "result" in done:
         return RMResult.model_validate(done["result"])
+    procs = Processes.current(cfg.parallelism, fix="set rewards.nproc to 2 or more, or parallelism: ddp")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     pairs = [p for d in batch_dirs for p in batch_pairs(d, cfg.margin)]
@@ -253,9 +276,16 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
     if not train:
         raise DataValidationError(f"no training pairs for the {cfg.category} RM in {len(batch_dirs)} batch(es)",
                                   field="category")
-    model, tok = load_reward_model(init_dir, from_causal_lm=True, seed=cfg.seed, on=cfg, train=True)
-    device, dtype = cfg.torch_device(), cfg.torch_dtype()
+    device, dtype = resolve_device(cfg.device, procs.rank), cfg.torch_dtype()
+
+    def fresh():  # float32 weights on this process's device (forwards in dtype under autocast)
+        return load_reward_model(init_dir, from_causal_lm=True, seed=cfg.seed)[0].to(device)
+
+    model, tok = load_reward_model(init_dir, from_causal_lm=True, seed=cfg.seed)
+    model = model.to(device)
     model.train()
+    model, fwd = procs.prepare(model, device, bf16=dtype == torch.bfloat16,
+                               activation_checkpointing=cfg.activation_checkpointing)
     total = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_pairs))
     warmup = max(cfg.min_warmup_steps, math.ceil(cfg.warmup_fraction * total))
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -284,26 +314,43 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
         if not batch:
             break
         loss_sum, acc_sum = 0.0, 0.0
-        for i in range(0, len(batch), cfg.micro_pairs):
-            mb = batch[i:i + cfg.micro_pairs]
+        pieces = procs.micro_batches(batch, cfg.micro_pairs)  # this process's share of the step
+        for k, (mb, weight) in enumerate(pieces):
             seqs = [enc(p.prompt, p.chosen) for p in mb] + [enc(p.prompt, p.rejected) for p in mb]
             ids, mask = _batch(tok, seqs, device)
-            with autocast(device, dtype):
-                r = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
-            rc, rr = r[: len(mb)], r[len(mb):]
-            margin = torch.tensor([p.margin for p in mb], device=device)
-            loss = ranking_loss(rc, rr, margin)
-            (loss * len(mb) / len(batch)).backward()
-            loss_sum += float(loss.detach()) * len(mb)
-            acc_sum += float(pair_accuracy(rc.detach(), rr.detach())) * len(mb)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            with procs.sync(fwd, k == len(pieces) - 1):
+                with autocast(device, dtype):
+                    r = fwd(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+                rc, rr = r[: len(mb)], r[len(mb):]
+                margin = torch.tensor([p.margin for p in mb], device=device)
+                loss = ranking_loss(rc, rr, margin)
+                (loss * weight / len(batch)).backward()  # weight 0: a filler piece (collectives line up)
+            if weight:
+                loss_sum += float(loss.detach()) * len(mb)
+                acc_sum += float(pair_accuracy(rc.detach(), rr.detach())) * len(mb)
+        loss_sum, acc_sum = procs.sum([loss_sum, acc_sum], device)
+        gnorm = clip_grad_norm(model.parameters(), cfg.grad_clip)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss_sum / len(batch))
-        sink.log_metrics({"loss": losses[-1], "train_accuracy": acc_sum / len(batch), "lr": lr, "grad_norm": gnorm},
-                         step + 1)
+        if procs.rank == 0:
+            sink.log_metrics({"loss": losses[-1], "train_accuracy": acc_sum / len(batch), "lr": lr,
+                              "grad_norm": gnorm}, step + 1)
+    final = Unsharded(model, procs, fresh)()  # under FSDP a collective; the weights on rank 0
+    result = None
+    if procs.rank == 0:
+        result = _evaluate_and_save(cfg, final, tok, train, held, encoded, losses, init_dir, batch_dirs, out_dir,
+                                    procs.world_size, sink, total)
+    return procs.broadcast(result)
+
+
+def _evaluate_and_save(cfg: RMConfig, model, tok, train: list[Pair], held: list[Pair],
+                       encoded: dict[tuple[str, str], list[int]], losses: list[float], init_dir: str | Path,
+                       batch_dirs: Sequence[str | Path], out_dir: Path, world_size: int, sink: MetricsSink,
+                       total: int) -> RMResult:
+    """Held-out accuracy and calibration of the trained RM, then ``out_dir/{model,metrics.json,manifest.json}``."""
     heldout = evaluate_pairs(model, tok, held, cfg.max_tokens, encoded)
     calibration = calibrate(model, tok, train + held, cfg.max_tokens, encoded)
     if heldout["accuracy"] is not None:
@@ -317,7 +364,8 @@ def train_reward_model(cfg: RMConfig, init_dir: str | Path, batch_dirs: Sequence
         write_json_atomic(tmp / CALIBRATION, calibration)
     write_json_atomic(out_dir / "metrics.json", {"loss_history": losses})
     write_json_atomic(out_dir / "manifest.json", {"stage": "reward_model", "config": cfg.model_dump(mode="json"),
-                                                  "init_dir": str(init_dir), "result": result.model_dump(mode="json")})
+                                                  "init_dir": str(init_dir), "world_size": world_size,
+                                                  "result": result.model_dump(mode="json")})
     log.info("%s RM: %d steps on %d pairs, held-out accuracy %s", cfg.category, len(losses), len(train),
              heldout["accuracy"])
     return result

@@ -8,6 +8,9 @@ converted SmolLM2-135M): most users fine-tune a model they already have.
 
 Output ``out_dir/``: ``model/`` (safetensors + the tokenizer, so the folder is self-contained),
 ``tokens/`` (the masked splits), ``train/`` (checkpoints, metrics) and ``manifest.json`` (last).
+
+Distributed (``sft.nproc`` > 1, launched by ``tasks/torchrun_stage.py``): rank 0 tokenizes and writes the
+outputs; the pretraining loop runs on every process (``train.parallelism``: DDP or FSDP2).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import math
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, read_manifest, write_json_atomic
+from stages.distributed import Processes, check_train_processes
 from stages.errors import DataValidationError, MissingAssetError
 from stages.model import ModelConfig
 from stages.pretrain import PretrainConfig, PretrainResult, TokenSplit, pretrain
@@ -44,6 +48,13 @@ class SFTConfig(StageConfig):
     epochs: float = Field(2.0, gt=0, description="passes over the SFT data (Llama 2: 2)")
     base: str = Field("pretrained", description="'pretrained' (herd's latest pretrained model) or a folder with a "
                       "saved LlamaForCausalLM and its tokenizer")
+    nproc: int = Field(1, ge=1, description="processes; > 1 launches torchrun (train.parallelism: DDP or FSDP2, on "
+                       "gloo/nccl)")
+
+    @model_validator(mode="after")
+    def _processes(self) -> SFTConfig:
+        check_train_processes(self.nproc, self.train)
+        return self
 
 
 class SFTResult(BaseModel):
@@ -57,11 +68,13 @@ class SFTResult(BaseModel):
 
 def sft(cfg: SFTConfig, base_model_dir: str | Path, tokenizer_dir: str | Path, conversations: list[dict],
         out_dir: str | Path, *, sink: MetricsSink = NULL_SINK, stop_after_steps: int | None = None) -> SFTResult:
-    """Fine-tune ``base_model_dir`` on ``conversations`` (answer tokens only) into ``out_dir/model``."""
+    """Fine-tune ``base_model_dir`` on ``conversations`` (answer tokens only) into ``out_dir/model``. Under torchrun
+    every process calls it (with the same conversations): rank 0 tokenizes and writes the outputs."""
     out_dir, base_model_dir, tokenizer_dir = Path(out_dir), Path(base_model_dir), Path(tokenizer_dir)
     done = read_manifest(out_dir)
     if done is not None and "result" in done:
         return SFTResult.model_validate(done["result"])
+    procs = Processes.current(cfg.train.parallelism, fix="set sft.nproc to 2 or more, or train.parallelism: ddp")
     if not conversations and read_manifest(out_dir / "tokens") is None:
         raise DataValidationError("no conversations to fine-tune on: the SFT data is empty (check the SFT data "
                                   "sources and caps)")
@@ -73,7 +86,12 @@ def sft(cfg: SFTConfig, base_model_dir: str | Path, tokenizer_dir: str | Path, c
                     cfg.train.seq_len, model_cfg.max_seq_len, base_model_dir)
         model_cfg = model_cfg.derive(max_seq_len=cfg.train.seq_len)
     tok_dir = out_dir / "tokens"
-    tokens = read_manifest(tok_dir) or tokenize_chats(cfg.tokenize, tokenizer_dir, conversations, tok_dir)
+    tokens = read_manifest(tok_dir)
+    if tokens is None:  # one process writes the splits, the others read them
+        if procs.rank == 0:
+            tokens = tokenize_chats(cfg.tokenize, tokenizer_dir, conversations, tok_dir)
+        procs.barrier()
+        tokens = tokens or read_manifest(tok_dir)
     train_split = TokenSplit(tok_dir / "train")
     windows = train_split.n_windows(cfg.train.seq_len)
     if windows <= 0:
@@ -91,14 +109,16 @@ def sft(cfg: SFTConfig, base_model_dir: str | Path, tokenizer_dir: str | Path, c
     if not res.completed:
         return SFTResult(model_dir="", steps=res.steps, epochs=cfg.epochs, train=res, tokens=tokens,
                          base_model_dir=str(base_model_dir))
-    with atomic_dir(out_dir / "model") as tmp:
-        for f in Path(res.model_dir).iterdir():
-            shutil.copy2(f, tmp / f.name)
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(tmp)
     result = SFTResult(model_dir=str(out_dir / "model"), steps=steps, epochs=cfg.epochs, train=res, tokens=tokens,
                        base_model_dir=str(base_model_dir))
-    write_json_atomic(out_dir / "manifest.json", {"stage": "sft", "config": cfg.model_dump(mode="json"),
-                                                  "result": result.model_dump(mode="json")})
+    if procs.rank == 0:
+        with atomic_dir(out_dir / "model") as tmp:
+            for f in Path(res.model_dir).iterdir():
+                shutil.copy2(f, tmp / f.name)
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(tmp)
+        write_json_atomic(out_dir / "manifest.json", {"stage": "sft", "config": cfg.model_dump(mode="json"),
+                                                      "result": result.model_dump(mode="json")})
+    procs.barrier()
     return result

@@ -10,14 +10,15 @@ from pathlib import Path
 import mlflow
 from prefect import task
 
-from stages.alignment import Algorithm, AlignmentConfig, ChampionRule, RoundInputs, champion_decision, run_step, \
-    step_config
+from stages.alignment import Algorithm, AlignmentConfig, ChampionRule, RoundInputs, champion_decision, \
+    dpo_reference_cache, run_step, step_config
 from stages.collect import CollectConfig
 from stages.common import config_hash, tree_sha256
 from stages.evaluate import evaluate_policy
 from stages.reward import RewardScorer
 from tasks.lineage import attach as attach_lineage
 from tasks.rewards import pools
+from tasks.torchrun_stage import launch
 from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, run_url, stage_run
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ def policy_step_task(algorithm: Algorithm, cfg: AlignmentConfig, parent_dir: str
     inputs = RoundInputs(round_index=round_index, reward_fn=scorer(rms, cfg), prompts=pools(sft_data, collect)["collect"], batch_dirs=batch_dirs, pooled=pooled, value_init_dir=rms["helpfulness"])
     with stage_run(f"alignment/v{round_index}/{algorithm.value}", section, parent_run_id,
                    tags={"herd.round": str(round_index), "herd.algorithm": algorithm.value}) as rid:
+        if algorithm is Algorithm.dpo and cfg.dpo.nproc > 1:  # torchrun; rank 0's manifest is what run_step returns
+            launch("dpo", cfg.dpo, {"policy_dir": parent_dir, "batch_dirs": batch_dirs, "out_dir": str(out),
+                                    "ref_cache": str(dpo_reference_cache(out))}, cfg.dpo.nproc)
         with MlflowSink(rid) as sink:
             res = run_step(algorithm, cfg, parent_dir, inputs, out, sink=sink)
         mlflow.log_metrics({f"result_{k}": v for k, v in res.metrics.items()})

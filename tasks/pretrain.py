@@ -5,9 +5,6 @@ and a few sampled generations."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -17,6 +14,7 @@ from stages.common import config_hash, file_sha256, store_key, tree_sha256
 from stages.model import ModelConfig, num_params, scaling_params
 from stages.pretrain import PretrainConfig, TokenSplit, pretrain
 from stages.scaling import SweepConfig
+from tasks.torchrun_stage import run_torchrun
 from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, register_folder, run_url, \
     stage_run
 
@@ -70,12 +68,8 @@ def pretrain_task(cfg: PretrainConfig, size: str, fit: dict | None, sweep: Sweep
                              "model.scaling_params": scaling_params(model_cfg, vocab), "nproc": nproc})
         if nproc > 1:  # torchrun: DDP on gloo (CPU) or nccl (GPU); rank 0 writes result.json
             spec = {"pretrain": run_cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json")}
-            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                   str(ROOT / "tasks" / "torchrun_pretrain.py"), "--config", json.dumps(spec),
-                                   "--data", data["train"], "--heldout", data["heldout"], "--out", str(out)],
-                                  cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"torchrun pretraining failed:\n{proc.stderr[-3000:]}")
+            run_torchrun(ROOT / "tasks" / "torchrun_pretrain.py", ["--config", json.dumps(spec), "--data",
+                         data["train"], "--heldout", data["heldout"], "--out", str(out)], nproc, "pretraining")
             res = json.loads((out / "result.json").read_text())
         else:
             probe = None

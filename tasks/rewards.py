@@ -14,6 +14,7 @@ from stages.collect import CollectConfig, annotate_file, collect_pairs, prompt_p
 from stages.common import config_hash, file_sha256, tree_sha256
 from stages.reward import RMConfig, staleness, train_reward_model
 from stages.sft_data import read_conversations
+from tasks.torchrun_stage import launch
 from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, run_url, stage_run
 
 MODEL_CODE = Path(__file__).with_name("reward_model_pyfunc.py")
@@ -86,11 +87,12 @@ def registered_version(name: str, model_dir: str):
 
 @task(task_run_name="rm-train-{cfg.category}")
 def reward_model_task(cfg: RMConfig, init_dir: str, batch_dirs: list[str], store: str,
-                      parent_run_id: str | None) -> dict:
-    """Train one RM on every batch so far, register it (``rm-<category>``) with the batches as its inputs."""
+                      parent_run_id: str | None, nproc: int = 1) -> dict:
+    """Train one RM on every batch so far, register it (``rm-<category>``) with the batches as its inputs;
+    ``nproc`` > 1 trains it in that many processes under torchrun (``cfg.parallelism``)."""
     digests = [json.loads((Path(d) / "manifest.json").read_text())["digest"] for d in batch_dirs]
     out = Path(store) / "reward_models" / cfg.category / config_hash(cfg, tree_sha256(init_dir, "*.safetensors"),
-                                                                     digests)
+                                                                     digests, *([nproc] if nproc > 1 else []))
     name = REGISTERED[cfg.category]
     known = registered_version(name, str(out / "model"))
     if known is not None:  # the same config, init and batches: trained and registered already
@@ -99,6 +101,9 @@ def reward_model_task(cfg: RMConfig, init_dir: str, batch_dirs: list[str], store
                 "registered": name, "heldout": res.heldout, "train_pairs": res.train_pairs, "steps": res.steps,
                 "batches": res.batches, "reused": True}
     with stage_run(f"rm/{cfg.category}/train", cfg, parent_run_id) as rid:
+        mlflow.log_param("nproc", nproc)
+        if nproc > 1:  # rank 0 writes the manifest, which the call below then returns
+            launch("reward", cfg, {"init_dir": init_dir, "batch_dirs": batch_dirs, "out_dir": str(out)}, nproc)
         with MlflowSink(rid) as sink:
             res = train_reward_model(cfg, init_dir, batch_dirs, out, sink=sink)
         held = res.heldout

@@ -10,6 +10,7 @@ from prefect import task
 from stages.common import config_hash, file_sha256, tree_sha256, store_key
 from stages.sft import SFTConfig, sft
 from stages.sft_data import SFTDataConfig, build_sft_data, read_conversations
+from tasks.torchrun_stage import launch
 from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, register_folder, run_url, \
     stage_run
 
@@ -36,12 +37,15 @@ def sft_task(cfg: SFTConfig, base_model: str, tokenizer: str, data: dict, store:
     inputs = {"base_model": (base_model, base_digest), "sft_data": (str(conversations), file_sha256(conversations)),
               "tokenizer": (tokenizer, file_sha256(Path(tokenizer) / "tokenizer.json"))}
     out = Path(store) / "sft" / config_hash("sft", cfg.train, cfg.tokenize, cfg.epochs, base_digest, store_key(data["path"], store),
-                                           inputs["tokenizer"][1])
+                                           inputs["tokenizer"][1], *([cfg.nproc] if cfg.nproc > 1 else []))
     with stage_run("sft/train", cfg.train, parent_run_id, tags={"herd.base_model": base_model}) as rid:
-        mlflow.log_params({"epochs": cfg.epochs, "base_model": base_model})
+        mlflow.log_params({"epochs": cfg.epochs, "base_model": base_model, "nproc": cfg.nproc})
         log_dataset("base-model", base_model, base_digest, "input")
         log_dataset("sft-conversations", *inputs["sft_data"], "input")
         log_dataset("tokenizer", *inputs["tokenizer"], "input")
+        if cfg.nproc > 1:  # torchrun (train.parallelism): rank 0 writes the manifest, which the call below returns
+            launch("sft", cfg, {"base_model_dir": base_model, "tokenizer_dir": tokenizer, "sft_data": data["path"],
+                                "out_dir": str(out)}, cfg.nproc)
         with MlflowSink(rid) as sink:
             res = sft(cfg, base_model, tokenizer, read_conversations(Path(data["path"])), out, sink=sink)
         tr = res.train

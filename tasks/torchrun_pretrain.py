@@ -1,5 +1,6 @@
 """torchrun entry point for pretraining: reads rank/world size from the environment, initialises the
-process group (nccl on GPU, gloo on CPU) and calls ``stages.pretrain.pretrain``.
+process group (nccl on GPU, gloo on CPU; ``tasks.torchrun_stage.init_process_group``, shared with the reward-model,
+SFT and DPO entry) and calls ``stages.pretrain.pretrain``.
 
     torchrun --nproc_per_node N tasks/torchrun_pretrain.py --config cfg.json --data train/ \
         --heldout heldout/ --out out/
@@ -20,13 +21,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by torchrun: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 import torch.distributed as dist
 
 from stages.common import write_json_atomic
-from stages.errors import ConfigError
 from stages.model import ModelConfig
 from stages.pretrain import PretrainConfig, pretrain
+from tasks.torchrun_stage import init_process_group
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,18 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg = ModelConfig.model_validate(spec.get("model", {}))
 
     rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    if world_size > 1:
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        if backend == "nccl":
-            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            if local_ranks > torch.cuda.device_count():
-                raise ConfigError(f"{local_ranks} processes per node but {torch.cuda.device_count()} visible GPU(s): "
-                                  "NCCL needs one GPU per process; set pretraining.nproc to at most the GPU count, "
-                                  "or pretraining.train.device to 'cpu' (gloo)")
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+    rank, world_size = init_process_group(cfg.device, "pretraining.nproc", "pretraining.train.device")
     try:
         result = pretrain(cfg, model_cfg, args.data, args.heldout, args.out, rank=rank, world_size=world_size,
                           stop_after_steps=args.stop_after_steps)

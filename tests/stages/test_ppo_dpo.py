@@ -210,3 +210,48 @@ def test_dpo_reference_log_probs_are_cached_per_batch_by_content(policy_dir, tmp
     assert again.metrics["pairs"] == 10 and sorted(cache.glob("*/logps.npz")) == files
     assert dpo(cfg.derive(max_tokens=48), policy_dir, [b1, b2], tmp_path / "other", ref_cache=cache).metrics
     assert len(list(cache.glob("*/logps.npz"))) == 4  # max_tokens changes the tokens: new entries
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_dpo_two_processes_match_one_process(policy_dir, tmp_path, parallelism):
+    """DPO in two gloo processes under torchrun (DDP, or FSDP2 sharded per decoder layer): the reference log-probs
+    a share per process, then half of every step's pairs each, in micro-batches of 2 (a filler piece in the short
+    last step): the one-process history and weights; rank 0 writes the policy folder and the reference cache."""
+    from safetensors.torch import load_file
+
+    from tasks.torchrun_stage import launch
+
+    src = tmp_path / "prefs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _prefs(20)))
+    _, batch = ingest_file(src, tmp_path / "prefs", batch_id="w1")
+    cfg = DPOConfig(lr=1e-3, batch_pairs=8, micro_pairs=8, max_tokens=64, num_threads=1, device="cpu")
+    one = dpo(cfg, policy_dir, [batch], tmp_path / "one")
+    two = launch("dpo", cfg.derive(nproc=2, micro_pairs=2, parallelism=parallelism),
+                 {"policy_dir": str(policy_dir), "batch_dirs": [str(batch)], "out_dir": str(tmp_path / "two"),
+                  "ref_cache": str(tmp_path / "ref")}, 2, timeout=300)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["config"]["parallelism"] == parallelism
+    h1, h2 = (json.loads((tmp_path / r / "metrics.json").read_text())["history"] for r in ("one", "two"))
+    assert len(h1) == len(h2) == 3  # 8 + 8 + 4 pairs
+    for key in ("loss", "reward_margin", "chosen_nll", "grad_norm"):
+        np.testing.assert_allclose([h[key] for h in h2], [h[key] for h in h1], atol=1e-4, rtol=0, err_msg=key)
+    assert [h["reward_accuracy"] for h in h2] == [h["reward_accuracy"] for h in h1]
+    a, b = load_file(Path(one.model_dir) / "model.safetensors"), load_file(Path(two["model_dir"]) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=k)
+    assert (Path(two["model_dir"]) / "tokenizer.json").is_file() and len(list((tmp_path / "ref").glob("*/logps.npz"))) == 1
+
+
+def test_dpo_process_checks_name_the_fix(policy_dir, tmp_path):
+    from stages.errors import ConfigError
+
+    with pytest.raises(ValueError, match="parallelism 'fsdp' shards the model over several processes: set nproc"):
+        DPOConfig(parallelism="fsdp")
+    with pytest.raises(ValueError, match="nproc 4 exceeds batch_pairs 2"):
+        DPOConfig(nproc=4, batch_pairs=2)
+    src = tmp_path / "prefs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _prefs(2)))
+    _, batch = ingest_file(src, tmp_path / "prefs", batch_id="w1")
+    with pytest.raises(ConfigError, match="set alignment.dpo.nproc to 2 or more"):  # nproc 2 but no torchrun launch
+        dpo(DPOConfig(nproc=2, parallelism="fsdp", device="cpu"), policy_dir, [batch], tmp_path / "dpo")

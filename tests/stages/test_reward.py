@@ -7,10 +7,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from stages.annotator import AnnotatorConfig, annotate, helpfulness, judge, rating_for, refuses, safety, violates
+from stages.errors import ConfigError
 from stages.losses import MARGINS, margin_for, pair_accuracy, ranking_loss
 from stages.model import ModelConfig, build_model
 from stages.preferences import ingest_file
@@ -199,3 +201,66 @@ def test_reward_model_learns_and_reports_staleness(tmp_path, sft_dir):
     untrained, tok = load_reward_model(sft_dir, from_causal_lm=True)
     fresh = [p for p in batch_pairs(b2, "small") if p.category == "helpfulness"]
     assert stale["accuracy"] > evaluate_pairs(untrained, tok, fresh)["accuracy"]  # what it learned carries over
+
+
+# ------------------------------------------------------------------ several processes
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, sft_dir, parallelism):
+    """Two gloo processes under torchrun (DDP, or FSDP2 sharded per decoder layer), each on half of every step's
+    pairs in micro-batches of 2 (a filler piece where the last step's pairs run out), take the one-process steps:
+    the same loss curve, held-out accuracy and weights; rank 0 writes a plain save_pretrained folder."""
+    from safetensors.torch import load_file
+
+    from tasks.torchrun_stage import launch
+
+    b1 = _ingest(tmp_path, _records(60, seed=1), "w1")
+    cfg = RMConfig(category="helpfulness", lr=2e-3, batch_pairs=8, micro_pairs=8, heldout_fraction=0.25,
+                   max_tokens=48, min_warmup_steps=1, device="cpu", num_threads=1)
+    one = train_reward_model(cfg, sft_dir, [b1], tmp_path / "one")
+    two = launch("reward", cfg.derive(micro_pairs=2, parallelism=parallelism),
+                 {"init_dir": str(sft_dir), "batch_dirs": [str(b1)], "out_dir": str(tmp_path / "two")}, 2,
+                 timeout=300)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["config"]["parallelism"] == parallelism
+    assert one.train_pairs % 8 and two["steps"] == one.steps >= 4  # a short last step: ranks hold 2 and 1 pieces
+
+    def curve(run: str) -> list[float]:
+        return json.loads((tmp_path / run / "metrics.json").read_text())["loss_history"]
+
+    np.testing.assert_allclose(curve("two"), curve("one"), atol=1e-4, rtol=0)
+    assert two["heldout"]["pairs"] == one.heldout["pairs"] > 0
+    assert two["heldout"]["accuracy"] == one.heldout["accuracy"]
+    assert two["heldout"]["mean_margin"] == pytest.approx(one.heldout["mean_margin"], abs=1e-4)
+    a, b = load_file(Path(one.model_dir) / "model.safetensors"), load_file(Path(two["model_dir"]) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=k)
+    assert {"config.json", "tokenizer.json", "calibration.json"} <= {p.name for p in Path(two["model_dir"]).iterdir()}
+    model, _ = load_reward_model(two["model_dir"])  # a plain Hugging Face folder
+    assert model.config.num_labels == 1
+
+
+def test_fsdp_without_processes_names_the_fix(tmp_path, sft_dir):
+    b1 = _ingest(tmp_path, _records(10, seed=1), "w1")
+    with pytest.raises(ConfigError, match="set rewards.nproc to 2 or more"):
+        train_reward_model(RMConfig(parallelism="fsdp", device="cpu"), sft_dir, [b1], tmp_path / "rm")
+
+
+def test_process_count_checks_name_the_fix(tmp_path):
+    """`rewards.nproc` next to each RM's `parallelism` and `batch_pairs`: one line each, naming the fields."""
+    from stages.presets import load_section
+
+    override = tmp_path / "r.yaml"
+    override.write_text("safety: {parallelism: fsdp}\n")
+    with pytest.raises(ConfigError, match=r"rewards: safety.parallelism 'fsdp' .* set nproc to 2 or more") as e:
+        load_section("rewards", "tiny", override)
+    assert len(str(e.value).splitlines()) == 2  # the file, then one line naming the field
+    override.write_text("nproc: 16\n")
+    with pytest.raises(ConfigError, match=r"nproc 16 exceeds helpfulness.batch_pairs 8"):
+        load_section("rewards", "tiny", override)
+    override.write_text("nproc: 2\nhelpfulness: {parallelism: fsdp, activation_checkpointing: true}\n")
+    cfg = load_section("rewards", "tiny", override)
+    assert cfg.nproc == 2 and cfg.helpfulness.parallelism == "fsdp" and cfg.safety.parallelism == "ddp"
+    assert load_section("rewards", "tiny").nproc == 1  # the demo stays one process

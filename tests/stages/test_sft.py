@@ -138,3 +138,49 @@ def test_sft_from_a_saved_base_model_learns_the_answers(tok_dir, tmp_path):
         out = model.generate(**prompt, max_new_tokens=20, do_sample=False, eos_token_id=tok.convert_tokens_to_ids(
             "<|eot_id|>"), pad_token_id=tok.pad_token_id)
     assert "eight legs" in tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_two_processes_match_one_process(tok_dir, tmp_path):
+    """SFT in two gloo processes under torchrun with FSDP2: rank 0 tokenizes, the pretraining loop runs sharded, and
+    the loss curve and weights are the one-process run's; the model folder carries the tokenizer."""
+    from safetensors.torch import load_file
+
+    from tasks.torchrun_stage import launch
+
+    base = tmp_path / "base"
+    build_model(ModelConfig.from_flavour("debug", attn_implementation="eager"), len(_tok(tok_dir)),
+                seed=0).save_pretrained(base)
+    data = tmp_path / "data"
+    data.mkdir()
+    with gzip.open(data / "conversations.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps(c) + "\n" for c in _convs())
+    cfg = SFTConfig(train=PretrainConfig(lr=3e-3, warmup_steps=1, seq_len=64, batch_tokens=512, micro_batch_size=4,
+                                         log_every=1, eval_tokens=4096, device="cpu", num_threads=1),
+                    tokenize=SFTTokenizeConfig(heldout_fraction=0.0), epochs=3.0)
+    one = sft(cfg, base, tok_dir, _convs(), tmp_path / "one")
+    fsdp = cfg.derive(nproc=2, train=cfg.train.derive(parallelism="fsdp"))
+    two = launch("sft", fsdp, {"base_model_dir": str(base), "tokenizer_dir": str(tok_dir), "sft_data": str(data),
+                               "out_dir": str(tmp_path / "two")}, 2, timeout=300)
+    h1, h2 = (json.loads((tmp_path / r / "train" / "metrics.json").read_text())["loss_history"] for r in ("one", "two"))
+    assert len(h2) == one.steps >= 3 and json.loads((tmp_path / "two" / "train" / "manifest.json").read_text())[
+        "world_size"] == 2
+    np.testing.assert_allclose(h2, h1, atol=1e-4, rtol=0)
+    a, b = load_file(Path(one.model_dir) / "model.safetensors"), load_file(Path(two["model_dir"]) / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=k)
+    assert (Path(two["model_dir"]) / "tokenizer.json").is_file()
+
+
+def test_process_count_checks_name_the_fix(tmp_path):
+    from stages.errors import ConfigError
+    from stages.presets import load_section
+
+    override = tmp_path / "s.yaml"
+    override.write_text("train: {parallelism: fsdp}\n")
+    with pytest.raises(ConfigError, match=r"sft: train.parallelism 'fsdp' .* set nproc to 2 or more"):
+        load_section("sft", "tiny", override)
+    override.write_text("nproc: 3\n")
+    with pytest.raises(ConfigError, match=r"nproc 3 x train.micro_batch_size 8 must divide the global batch"):
+        load_section("sft", "tiny", override)
+    override.write_text("nproc: 2\ntrain: {parallelism: fsdp, activation_checkpointing: true}\n")
+    assert load_section("sft", "tiny", override).nproc == 2 and load_section("sft", "tiny").nproc == 1
