@@ -72,6 +72,9 @@ class GenerationConfig(StageConfig):
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling")
     batch_size: int = Field(16, ge=1, description="prompts per generate call (left-padded, KV cache)")
     max_prompt_tokens: int = Field(192, ge=8, description="longer prompts keep their last tokens")
+    compile: bool = Field(False, description="decode steps with static shapes under torch.compile (CUDA graphs on "
+                          "a GPU, where per-step launch costs dominate small batches); on a CPU compiling costs more "
+                          "than it saves")
 
 
 def load_policy(model_dir: str | Path, on: OnDevice | None = None, *, train: bool = False):
@@ -105,7 +108,8 @@ def generate(model, tok, prompts: Sequence[str | list[dict]], *, temperature: fl
     for i in range(0, len(order), cfg.batch_size):
         idx = order[i:i + cfg.batch_size]
         for j, toks in zip(idx, sample(model, [rows[j] for j in idx], max_new_tokens=cfg.max_new_tokens,
-                                       temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=stop, pad=pad)):
+                                       temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=stop, pad=pad,
+                                       compile=cfg.compile)):
             n_tokens += len(toks)
             outs[j] = tok.decode(toks, skip_special_tokens=True).strip()
     seconds = time.perf_counter() - t0

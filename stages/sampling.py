@@ -11,6 +11,13 @@ causal mask and cache bookkeeping per step, logits processors over the whole voc
 it); this loop does the same arithmetic with less of it (``benchmarks/generation.py`` measures both).
 ``tests/stages/test_sampling.py`` checks its logits against the model's forward and its greedy output against
 ``generate``.
+
+``compile=True`` (``generation.compile``, meant for GPUs) runs each decode step with static shapes: the cache's
+capacity rounded up to a multiple of 64 and the batch to a power of two, the new token written at a position given
+as a tensor, attention over the whole cache under a mask of written positions. Every step then has the same shapes,
+so ``torch.compile`` traces it once per (batch, capacity) bucket and, on CUDA, replays it as a CUDA graph
+(``mode="reduce-overhead"``): the per-step launch cost that dominates small-batch decoding on a GPU goes away. The
+outputs are the eager loop's (tested on the CPU, where compiling costs more than it saves).
 """
 
 from __future__ import annotations
@@ -51,6 +58,56 @@ def _attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_c
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def _static_attention(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, at: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decoder layer on one new token per row (``h``: (B, 1, dim)) written at cache position ``at`` (a (1,)
+    tensor), attending over the whole cache under ``mask`` (B, 1, 1, capacity): static shapes for every step."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    b = h.shape[0]
+    x = layer.input_layernorm(h)
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(b, 1, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(b, 1, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(b, 1, -1, hd).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k_cache.index_copy_(2, at, k)
+    v_cache.index_copy_(2, at, v)
+    kv_heads = k_cache.shape[1]
+    qg = q.reshape(b, kv_heads, -1, hd)
+    scores = (qg @ k_cache.transpose(-1, -2)) * attn.scaling  # (B, kv heads, group, capacity)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    o = (scores.softmax(-1) @ v_cache).reshape(b, -1, 1, hd)
+    h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _static_step(model, k: list[torch.Tensor], v: list[torch.Tensor], seen: torch.Tensor, ids: torch.Tensor,
+                 positions: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """One decode step with static shapes (see the module doc): the last position's logits (B, vocab)."""
+    llama = model.model
+    seen.index_fill_(1, at, True)
+    mask = seen[:, None, None, :]
+    h = llama.embed_tokens(ids)
+    cos, sin = llama.rotary_emb(h, positions)
+    for i, layer in enumerate(llama.layers):
+        h = _static_attention(layer, h, cos, sin, k[i], v[i], at, mask)
+    return model.lm_head(llama.norm(h[:, -1]))
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_step(device: torch.device):
+    """``_static_step`` compiled once per process and device type (CUDA graphs on GPUs)."""
+    key = device.type
+    if key not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        _COMPILED[key] = torch.compile(_static_step, mode=mode, dynamic=False)
+    return _COMPILED[key]
+
+
 class KVDecoder:
     """A ``LlamaForCausalLM`` run step by step over a preallocated cache of ``capacity`` positions."""
 
@@ -85,6 +142,18 @@ class KVDecoder:
         self.length = end
         return self.model.lm_head(self.llama.norm(h[:, -1]))
 
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, compiled: bool) -> torch.Tensor:
+        """Append one token per row (``ids``, ``positions``: (B, 1)); the logits (B, vocab). ``compiled``: the
+        static-shape step under ``torch.compile`` instead of :meth:`forward`."""
+        if not compiled:
+            return self.forward(ids, torch.ones_like(ids, dtype=torch.bool), positions)
+        at = torch.tensor([self.length], device=ids.device)
+        if ids.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = _compiled_step(ids.device)(self.model, self.k, self.v, self.seen, ids, positions, at)
+        self.length += 1
+        return logits.clone()
+
 
 def distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,23 +183,27 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
 
 @torch.no_grad()
 def sample(model, rows: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_k: int = 50,
-           top_p: float = 1.0, stop: Sequence[int] = (), pad: int = 0) -> list[list[int]]:
+           top_p: float = 1.0, stop: Sequence[int] = (), pad: int = 0, compile: bool = False) -> list[list[int]]:
     """Continue each prompt of ``rows`` (token ids) by up to ``max_new_tokens`` tokens; each row's output ends
-    before its first stop token (the stop token is not included)."""
+    before its first stop token (the stop token is not included). ``compile``: static-shape decode steps under
+    ``torch.compile`` (see the module doc)."""
     if not rows:
         return []
+    n_rows = len(rows)
+    if compile:  # static shapes: the batch up to a power of two (repeated rows, dropped at the end), capacity to 64s
+        rows = list(rows) + [rows[-1]] * ((1 << (n_rows - 1).bit_length()) - n_rows)
     device = next(model.parameters()).device
     b, width = len(rows), max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
     real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    dec = KVDecoder(model, b, width + max_new_tokens)
+    capacity = width + max_new_tokens
+    dec = KVDecoder(model, b, -(-capacity // 64) * 64 if compile else capacity)
     logits = dec.forward(ids, real, positions)
     nxt_pos = positions[:, -1:] + 1
     stop_t = torch.tensor(list(stop) or [-1], device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out = []
-    ones = torch.ones(b, 1, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         tok = pick(logits, temperature, top_k, top_p)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
@@ -138,9 +211,9 @@ def sample(model, rows: Sequence[Sequence[int]], *, max_new_tokens: int, tempera
         done = done | torch.isin(tok, stop_t)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = dec.forward(tok[:, None], ones, nxt_pos)
+        logits = dec.step(tok[:, None], nxt_pos, compile)
         nxt_pos = nxt_pos + 1
-    gen = torch.stack(out, 1).tolist()
+    gen = torch.stack(out, 1).tolist()[:n_rows]
     stops = set(stop)
     result = []
     for row in gen:

@@ -55,6 +55,32 @@ def test_greedy_matches_generate(model):
     assert any(len(o) < 12 for o in ours) or all(5 not in o for o in ours)
 
 
+def test_compiled_static_steps_give_the_eager_loops_tokens_and_logits(model):
+    """The static-shape decode step (``generation.compile``: for CUDA graphs) against the eager loop: the same logits
+    at every step for three rows (the batch padded to four, the cache rounded to 64 positions), compiled and not."""
+    from stages import sampling
+
+    rows = _rows()[:3]
+    width = max(len(r) for r in rows)
+    real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    pos = (real.long().cumsum(-1) - 1).clamp(min=0)
+    extra = torch.tensor([[7, 9, 4], [1, 2, 3], [50, 60, 70]])
+    with torch.no_grad():
+        eager, static = KVDecoder(model, 3, width + 3), KVDecoder(model, 3, 64)
+        want, got = [eager.forward(ids, real, pos)], [static.forward(ids, real, pos)]
+        for j in range(3):
+            p = pos[:, -1:] + 1 + j
+            want.append(eager.forward(extra[:, j:j + 1], torch.ones(3, 1, dtype=torch.bool), p))
+            got.append(sampling._static_step(model, static.k, static.v, static.seen, extra[:, j:j + 1], p,
+                                             torch.tensor([static.length])))
+            static.length += 1
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    greedy = sample(model, rows, max_new_tokens=10, temperature=0.0, stop=[5], pad=0)
+    assert sample(model, rows, max_new_tokens=10, temperature=0.0, stop=[5], pad=0, compile=True) == greedy
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 50, 0.95), (0.7, 50, 0.95), (1.2, 0, 0.9), (1.0, 10, 1.0)])
 def test_distribution_is_generates(temperature, top_k, top_p):
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
