@@ -35,7 +35,7 @@ demo: venv
 	@$(BIN)/herd demo
 
 test: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-ui: venv
 	$(BIN)/python -m pytest -q -m ui tests/ui $(PYTEST_ARGS)

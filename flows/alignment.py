@@ -9,6 +9,7 @@ from prefect import flow
 from herd.settings import load_settings
 from stages.collect import PreferenceLoopConfig
 from stages.common import confined
+from stages.errors import ConfigError
 from stages.presets import tiny
 from stages.preferences import batch_dirs
 from stages.reward import RewardsConfig, trained_batches
@@ -20,12 +21,20 @@ from tasks.sft import sft_data_task, sft_task
 from tasks.tracking import parent_run
 
 
-def _base(config: SFTConfig, base_model: str | None, tokenizer: str | None) -> tuple[str, str]:
+def sft_base(config: SFTConfig, base_model: str | None, tokenizer: str | None) -> tuple[str, str]:
+    """The base model and tokenizer folders SFT starts from: ``base_model`` (a user's ``--base``), else
+    ``config.base`` (a folder under $HERD_HOME; a relative one is taken from $HERD_HOME, as presets name
+    ``models/smollm2-135m``), else herd's latest pretrained model."""
     s = load_settings()
     if base_model is None and config.base != "pretrained":  # a config (YAML, UI form) names a folder: keep it home
-        base_model = str(confined(config.base, s.home, field="sft.base", hint="keep models under $HERD_HOME "
-                                  "(`herd models import` writes $HERD_HOME/models/NAME) or name the folder with "
-                                  "`herd sft --base DIR`"))
+        named = Path(config.base).expanduser()
+        base_model = str(confined(named if named.is_absolute() else s.home / named, s.home, field="sft.base",
+                                  hint="keep models under $HERD_HOME (`herd models import` writes "
+                                  "$HERD_HOME/models/NAME) or name the folder with `herd sft --base DIR`"))
+        if not any(Path(base_model).glob("*.safetensors")):
+            name = Path(base_model).name
+            raise ConfigError(f"sft.base: no model weights in {base_model}: run `herd models import {name}` first "
+                              "(or set sft.base to a folder with a saved LlamaForCausalLM)")
     if base_model is not None:  # a user's model folder carries its own tokenizer unless one is named
         return base_model, tokenizer or base_model
     model, tok = get_latest(s.home, "model"), tokenizer or get_latest(s.home, "tokenizer")
@@ -47,7 +56,7 @@ def sft_flow(config: SFTConfig = tiny().sft, base_model: str | None = None, toke
         parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
     """
     s = load_settings()
-    base, tok = _base(config, base_model, tokenizer)
+    base, tok = sft_base(config, base_model, tokenizer)
     with parent_run("sft", config, parent_run_id) as run_id:
         data = sft_data_task(config.data, str(s.store), str(s.cache), run_id)
         report("sft-data", {"docs": data["conversations"]})

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+
+import numpy as np
 from pathlib import Path
 
 from prefect import flow
 
-from flows.alignment import preference_collect_flow, reward_models_flow, sft_flow
+from flows.alignment import preference_collect_flow, reward_models_flow, sft_base, sft_flow
 from flows.curation import curation_flow, data_fetch_flow, mix_flow
 from flows.rounds import alignment_round_flow
 from flows.pretraining import pretrain_flow, scaling_fit_flow, scaling_sweep_flow, tokenizer_flow
@@ -45,26 +47,33 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
         return res["tasks"]
 
     with parent_run("herd-pipeline", config) as run_id:
-        fetched = data_fetch_flow(config.fetch, parent_run_id=run_id)
-        curated = curation_flow([fetched["path"]], str(s.home / "curated" / config.name), config.curation, config.fetch,
-                                parent_run_id=run_id)
-        mixed = mix_flow([curated["output"] + "/kept"], str(s.home / "mixed" / config.name), config.mix,
-                         parent_run_id=run_id)
-        p = config.pretraining
-        tok = tokenizer_flow([mixed["output"]], str(s.home / "tokenizer" / config.name), p, parent_run_id=run_id)
-        fit = None
-        if p.size == "auto":  # size from the scaling laws: IsoFLOP sweep, then the fit's recommendation
-            sweep = scaling_sweep_flow(p, tok["tokens"]["path"], parent_run_id=run_id)
-            fit = scaling_fit_flow(sweep["runs_csv"], str(s.home / "scaling" / config.name), p.fit, p.budget,
-                                   parent_run_id=run_id)
-        lap()
-        model = pretrain_flow(p, tok["tokens"]["path"], str(Path(fit["output"]) / "fit.json") if fit else None,
-                              parent_run_id=run_id)
-        params = model.get("total_params") or model["num_params"]
-        stages = [{"stage": "base", "model_dir": model["model_dir"], "params": params, "tokens": model["tokens"],
-                   "heldout_loss": model["heldout_loss"], "wall_s": lap(),
-                   "benchmarks": bench(model["model_dir"], "base", run_id, tok["tokenizer"]["path"])}]
-        tuned = sft_flow(config.sft, model["model_dir"], tok["tokenizer"]["path"], parent_run_id=run_id)
+        fetched = curated = mixed = tok = fit = model = None
+        if config.sft.base != "pretrained":  # the recipe from a given base model (`herd models import NAME`): SFT on
+            base_dir, base_tok = sft_base(config.sft, None, None)  # it, then the alignment half; no corpus, no pretraining
+            params = _folder_params(base_dir)
+            stages = [{"stage": "base", "model_dir": base_dir, "params": params, "tokens": None, "heldout_loss": None,
+                       "wall_s": lap(), "benchmarks": bench(base_dir, "base", run_id, base_tok)}]
+            tuned = sft_flow(config.sft, base_dir, base_tok, parent_run_id=run_id)
+        else:
+            fetched = data_fetch_flow(config.fetch, parent_run_id=run_id)
+            curated = curation_flow([fetched["path"]], str(s.home / "curated" / config.name), config.curation,
+                                    config.fetch, parent_run_id=run_id)
+            mixed = mix_flow([curated["output"] + "/kept"], str(s.home / "mixed" / config.name), config.mix,
+                             parent_run_id=run_id)
+            p = config.pretraining
+            tok = tokenizer_flow([mixed["output"]], str(s.home / "tokenizer" / config.name), p, parent_run_id=run_id)
+            if p.size == "auto":  # size from the scaling laws: IsoFLOP sweep, then the fit's recommendation
+                sweep = scaling_sweep_flow(p, tok["tokens"]["path"], parent_run_id=run_id)
+                fit = scaling_fit_flow(sweep["runs_csv"], str(s.home / "scaling" / config.name), p.fit, p.budget,
+                                       parent_run_id=run_id)
+            lap()
+            model = pretrain_flow(p, tok["tokens"]["path"], str(Path(fit["output"]) / "fit.json") if fit else None,
+                                  parent_run_id=run_id)
+            params = model.get("total_params") or model["num_params"]
+            stages = [{"stage": "base", "model_dir": model["model_dir"], "params": params, "tokens": model["tokens"],
+                       "heldout_loss": model["heldout_loss"], "wall_s": lap(),
+                       "benchmarks": bench(model["model_dir"], "base", run_id, tok["tokenizer"]["path"])}]
+            tuned = sft_flow(config.sft, model["model_dir"], tok["tokenizer"]["path"], parent_run_id=run_id)
         stages.append({"stage": "sft", "model_dir": tuned["model_dir"], "params": params,
                        "tokens": _sft_tokens(tuned), "heldout_loss": tuned["heldout_loss"], "wall_s": lap(),
                        "benchmarks": bench(tuned["model_dir"], "sft", run_id)})
@@ -83,15 +92,18 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
             base_sft = aligned[0]["evaluation"]["baselines"].get("sft") or {}
             stages[1] |= {"violation_rate": _rate(base_sft.get("violation")),
                           "false_refusal_rate": _rate(base_sft.get("false_refusal"))}
-        card = report_task(stages, run_id, config.name, _contamination(curated["output"]),
+        card = report_task(stages, run_id, config.name, _contamination(curated["output"]) if curated else {},
                            time.perf_counter() - t_start, str(s.home))
         report("report-card", {})
-    return {"fetch": {"path": fetched["path"], "docs": fetched["docs"]}, "curation": curated,
-            "mix": {k: mixed[k] for k in ("output", "key")},
-            "tokenizer": {"path": tok["tokenizer"]["path"], "compression": tok["tokenizer"]["compression"]},
+    return {"fetch": {"path": fetched["path"], "docs": fetched["docs"]} if fetched else None, "curation": curated,
+            "mix": {k: mixed[k] for k in ("output", "key")} if mixed else None,
+            "tokenizer": {"path": tok["tokenizer"]["path"], "compression": tok["tokenizer"]["compression"]} if tok
+            else None,
             "scaling": {k: fit[k] for k in ("output", "isoflop", "parametric", "ci", "recommendation")} if fit else None,
-            "pretrain": {k: model[k] for k in ("size", "num_params", "scaling_params", "tokens", "final_loss", "heldout_loss",
-                                               "heldout_loss_by_source", "tokens_per_s", "mfu", "model_dir")},
+            "pretrain": {k: model[k] for k in ("size", "num_params", "scaling_params", "tokens", "final_loss",
+                                               "heldout_loss", "heldout_loss_by_source", "tokens_per_s", "mfu",
+                                               "model_dir")} if model else None,
+            "base_model": stages[0]["model_dir"],
             "sft": {k: tuned[k] for k in ("model_dir", "steps", "final_loss", "heldout_loss", "tokens")},
             "reward_rounds": [{"batches": r["batches"], "new_batches": r["new_batches"],
                                "staleness": {c: [{"batch_id": x["batch_id"], "accuracy": x["accuracy"]} for x in v]
@@ -117,6 +129,19 @@ def _round_stage(a: dict, params: int, wall_s: float) -> dict:
             "violation_rate": _rate(ev["policy"].get("violation")),
             "false_refusal_rate": _rate(ev["policy"].get("false_refusal")),
             "algorithms": a["algorithms"], "champion": a["registered"].get("champion")}
+
+
+def _folder_params(model_dir: str) -> int:
+    """Parameters of a saved model, from its safetensors headers (nothing loaded)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():
+                shape = h.get_slice(key).get_shape()
+                n += int(np.prod(shape)) if shape else 1
+    return n
 
 
 def _sft_tokens(tuned: dict) -> int | None:

@@ -80,7 +80,8 @@ app.add_typer(rm_app, name="rewards")
 models_app = typer.Typer(help="Pretrained Llama models that ship in packages.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-PRESET_HELP = "config preset: smoke (seconds), tiny (the demo default)"
+PRESET_HELP = ("config preset: smoke (seconds), tiny (the demo default), smollm2 (the alignment half on the imported "
+               "SmolLM2-135M, for one GPU), smollm2-cpu (the same, cut to minutes on a CPU)")
 
 
 def _setup(start_servers: bool = True):
@@ -603,6 +604,14 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
     """Run the whole pipeline on the embedded default: fetch -> curate -> mix -> tokenizer -> sweep -> fit -> pretrain
     -> SFT -> preference batches -> reward models -> alignment rounds RLHF-V1..V5."""
     cfg = _load("pipeline", preset, config)
+    if cfg.sft.base != "pretrained":  # a given base model (the smollm2 presets): missing weights stop us before servers
+        from flows.alignment import sft_base
+        from stages.errors import HerdError
+
+        try:
+            sft_base(cfg.sft, None, None)
+        except HerdError as exc:
+            _fail(exc)
     settings = _setup()
     from flows.pipeline import pipeline_flow
     from stages.curation.pipeline import enabled_steps
@@ -616,8 +625,9 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
         n_align = 2 + cfg.preferences.batches * (2 + 1 + 2)  # sft; per batch: collect, annotate, ingest, 2 RMs
         n_align += sum(_round_steps(cfg.alignment, n) for n in range(1, cfg.alignment.rounds + 1))
         n_align += 2 + 1  # benchmarks of the base and SFT models, the report card
-        res = _with_bar(len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling + n_align, "demo",
-                        lambda: _alongside(pipeline_flow, cfg, settings))
+        # from a given base model (sft.base, e.g. the smollm2 presets) the pipeline starts at SFT
+        n_before = 0 if cfg.sft.base != "pretrained" else len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling
+        res = _with_bar(n_before + n_align, "demo", lambda: _alongside(pipeline_flow, cfg, settings))
     except HerdError as exc:
         _fail(exc)
     typer.echo(res["report"]["markdown"])
@@ -628,7 +638,8 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
         typer.echo("\nDeployments registered (alignment-round weekly, Mondays 03:00 UTC); a worker and the inbox "
                    "watcher run in the background (`herd status`).")
     typer.echo(f"\nPrefect UI: {settings.prefect_api_url.removesuffix('/api')}   MLflow UI: {settings.mlflow_tracking_uri}")
-    typer.echo("Curated corpus: " + res["curation"]["output"] + "   Mixture: " + res["mix"]["output"])
+    if res["curation"]:
+        typer.echo("Curated corpus: " + res["curation"]["output"] + "   Mixture: " + res["mix"]["output"])
     typer.echo("Stop the servers, the worker and the watcher with: .venv/bin/herd down")
 
 

@@ -273,7 +273,86 @@ def _smoke_alignment() -> AlignmentConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "smoke": smoke}
+# ------------------------------------------------------------------------------------ the recipe on SmolLM2-135M
+
+SMOLLM2_BASE = "models/smollm2-135m"  # under $HERD_HOME: `herd models import smollm2-135m` writes it
+
+
+def smollm2() -> PipelineConfig:
+    """The alignment half of the recipe on a real 135M Llama (SmolLM2-135M-Instruct: 30 layers, GQA 9/3 heads,
+    its chat template), sized for one GPU: SFT on the project's chat data from the imported model, preference
+    batches sampled from the SFT model, both reward models initialised from it, RLHF-V1..V5 on Llama 2's
+    schedule (rejection sampling in V1-V4, then PPO on top in V5). No corpus and no pretraining: the pipeline
+    starts at ``sft.base``. Numbers follow the papers where they fit a 135M model on one GPU (Llama 2: SFT lr
+    2e-5, 2 epochs; RMs lr 1e-5, one epoch; PPO lr 1e-6, batch 512, minibatch 64, beta 0.01; rejection sampling
+    K = 10); batches are smaller than the papers' (tens of thousands of tokens, not millions)."""
+    gen = GenerationConfig(max_new_tokens=256, batch_size=128, max_prompt_tokens=512)
+    sft_train = PretrainConfig(lr=2e-5, min_lr_ratio=0.0, warmup_steps=20, seq_len=1024, batch_tokens=65_536,
+                               micro_batch_size=16, bf16=True, log_every=20, eval_tokens=262_144)
+
+    def rm(category: str, other: float) -> RMConfig:
+        return RMConfig(category=category, other_ratio=other, lr=1e-5, batch_pairs=64, micro_pairs=16,
+                        max_tokens=768, group_by_length=50)
+
+    return PipelineConfig(
+        name="smollm2",
+        sft=SFTConfig(base=SMOLLM2_BASE,
+                      data=SFTDataConfig(caps={"sharegpt": 20_000, "evals": 2_000, "python_faq": 1_000},
+                                         max_chars=6_000, safety_repeats=4),
+                      tokenize=SFTTokenizeConfig(max_tokens=1024), train=sft_train, epochs=2.0),
+        preferences=PreferenceLoopConfig(collect=CollectConfig(prompts=2_000, safety_share=0.3, generation=gen),
+                                         batches=3),
+        rewards=RewardsConfig(helpfulness=rm("helpfulness", 1.0), safety=rm("safety", 1.0 / 9.0)),
+        alignment=AlignmentConfig(
+            rounds=5,
+            rejection=RejectionConfig(k=10, temperature=1.0, prompts=2_000, safety_share=0.1, generation=gen,
+                                      tokenize=SFTTokenizeConfig(max_tokens=1024),
+                                      train=sft_train.derive(lr=1e-5, warmup_steps=5, eval_tokens=65_536),
+                                      epochs=2.0),
+            ppo=PPOConfig(iterations=200, prompts_per_iteration=512, minibatch_size=64, lr=1e-6, max_new_tokens=256,
+                          max_prompt_tokens=512, rollout_batch_size=128),
+            dpo=DPOConfig(lr=1e-6, batch_pairs=64, micro_pairs=16, max_tokens=1024, last_batches=2),
+            evaluation=EvalConfig(samples=2, temperature=0.7, generation=gen),
+        ),
+        benchmarks=HarnessConfig(tasks="core", limit=500, batch_tokens=32_768),
+    )
+
+
+def smollm2_cpu() -> PipelineConfig:
+    """``smollm2`` cut to what 2 CPU cores run in minutes: a few conversations and prompts, short answers, one
+    epoch, one alignment round (V1, rejection sampling), a few benchmark items; the real model throughout. The
+    slow tests run it, so the real-model path (SmolLM2's tokenizer, chat template, GQA, tied head) is exercised
+    by CI."""
+    base = smollm2()
+    gen = GenerationConfig(max_new_tokens=24, batch_size=16, max_prompt_tokens=128)
+    train = PretrainConfig(lr=2e-5, min_lr_ratio=0.0, warmup_steps=1, seq_len=256, batch_tokens=2048,
+                           micro_batch_size=4, log_every=2, eval_tokens=2048, num_threads=2)
+
+    def rm(category: str, other: float) -> RMConfig:
+        return RMConfig(category=category, other_ratio=other, lr=1e-5, batch_pairs=8, micro_pairs=4,
+                        max_tokens=128, num_threads=2, min_warmup_steps=1)
+
+    return base.derive(
+        name="smollm2-cpu",
+        sft=base.sft.derive(data=SFTDataConfig(caps={"sharegpt": 24, "evals": 8, "python_faq": 4}, max_chars=600,
+                                               safety_repeats=1, gatt=False).model_dump(),
+                            tokenize=SFTTokenizeConfig(max_tokens=256).model_dump(), train=train.model_dump(),
+                            epochs=1.0).model_dump(),
+        preferences=PreferenceLoopConfig(collect=CollectConfig(prompts=32, safety_share=0.3, generation=gen),
+                                         batches=1).model_dump(),
+        rewards=RewardsConfig(helpfulness=rm("helpfulness", 1.0), safety=rm("safety", 1.0 / 9.0)).model_dump(),
+        alignment=AlignmentConfig(
+            rounds=1, schedule=[["rejection_sampling"]],
+            rejection=RejectionConfig(k=2, temperature=1.0, prompts=6, safety_share=0.34, generation=gen,
+                                      tokenize=SFTTokenizeConfig(max_tokens=192), train=train, epochs=1.0),
+            evaluation=EvalConfig(prompts=10, samples=1, temperature=0.7, generation=gen, n_boot=100),
+            collect_next=False,
+        ).model_dump(),
+        benchmarks=HarnessConfig(tasks="hellaswag,arc_easy,piqa", limit=8, n_boot=20).model_dump(),
+    )
+
+
+PRESETS = {"tiny": tiny, "smoke": smoke, "smollm2": smollm2, "smollm2-cpu": smollm2_cpu}
 
 
 def get_preset(name: str) -> PipelineConfig:

@@ -197,6 +197,15 @@ def test_each_home_gets_its_own_free_ports(tmp_path: Path, monkeypatch) -> None:
     assert load_settings().prefect_port == 4999
 
 
+def test_a_preset_whose_base_model_is_not_imported_names_the_import(env) -> None:
+    res = _run(env, "demo", "--preset", "smollm2-cpu", timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    home = Path(env["HERD_HOME"]).resolve()
+    assert res.stderr.strip().splitlines() == [f"error: sft.base: no model weights in {home / 'models' / 'smollm2-135m'}: "
+                                               "run `herd models import smollm2-135m` first (or set sft.base to a "
+                                               "folder with a saved LlamaForCausalLM)"]
+
+
 def test_herd_errors_are_one_line_with_exit_2(env, tmp_path: Path) -> None:
     """A HerdError from any command: one line on stderr, exit 2, no traceback (`-v` shows it)."""
     res = _run(env, "tokenizer", "train", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "t"))

@@ -255,7 +255,7 @@ def test_e2guardian_lists_stay_inside_their_folder(tmp_path):
 
 
 def test_config_paths_stay_under_herd_home(tmp_path, monkeypatch):
-    from flows.alignment import _base
+    from flows.alignment import sft_base as _base
     from flows.curation import curation_flow
     from stages.presets import smoke
 
@@ -264,7 +264,13 @@ def test_config_paths_stay_under_herd_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HERD_HOME", str(home))
     cfg = smoke()
     ok = cfg.sft.derive(base=str(home / "models" / "mine"))
+    with pytest.raises(ConfigError, match=r"^sft.base: no model weights in .*: run `herd models import mine` first"):
+        _base(ok, None, None)
+    (home / "models" / "mine" / "model.safetensors").write_bytes(b"")
     assert _base(ok, None, None) == (str((home / "models" / "mine").resolve()),) * 2
+    # a relative folder is taken from $HERD_HOME, whatever the working directory (presets name models/NAME)
+    monkeypatch.chdir(tmp_path)
+    assert _base(cfg.sft.derive(base="models/mine"), None, None)[0] == str((home / "models" / "mine").resolve())
     for base in (str(tmp_path / "elsewhere"), str(home / "models" / ".." / "..")):
         with pytest.raises(ConfigError, match="^sft.base: .*herd sft --base"):
             _base(cfg.sft.derive(base=base), None, None)
