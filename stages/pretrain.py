@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import math
 import pickle
 import random
 import re
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,12 @@ class PretrainConfig(StageConfig):
     activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the "
                                            "backward pass: less memory for about a third more compute.")
     peak_flops: float = Field(0.0, ge=0, description="Hardware peak FLOP/s for MFU; 0 measures it (GPU table or matmul benchmark).")
+    schedule: str = Field("cosine", pattern="^(cosine|linear)$", description="Learning-rate decay after warmup, to "
+                          "min_lr_ratio: 'cosine', or 'linear' (Llama 3's annealing: linear to min_lr_ratio 0).")
+    average_last: int = Field(0, ge=0, description="Checkpoint averaging (Polyak, as Llama 3 did over its annealing): "
+                              "the final model is the mean of this many weight snapshots, evenly spaced and ending "
+                              "at the last step (0 or 1: the last weights). The last weights' held-out loss is "
+                              "reported next to the average's.")
 
     @model_validator(mode="after")
     def _batch(self) -> PretrainConfig:
@@ -124,6 +132,8 @@ class PretrainConfig(StageConfig):
 
 class PretrainResult(BaseModel):
     completed: bool
+    averaged: int = 0  # weight snapshots averaged into the final model (average_last); 0: the last weights
+    heldout_loss_last: float | None = None  # with averaging: the last weights' held-out loss (heldout_loss: the mean's)
     steps: int
     tokens: int
     final_loss: float
@@ -275,13 +285,52 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="none").reshape(labels.shape)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, schedule: str = "cosine") -> float:
+    """Linear warmup to 1, then cosine (or, ``schedule="linear"``, linear) decay to ``min_lr_ratio`` at
+    ``total_steps``."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_lr_ratio) * progress
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def average_steps(total_steps: int, n: int) -> list[int]:
+    """The steps whose weights :class:`PretrainConfig`'s ``average_last`` averages: ``n`` evenly spaced, ending at
+    ``total_steps`` (fewer when the run is shorter)."""
+    if n <= 1:
+        return []
+    gap = max(1, total_steps // n)
+    return sorted({total_steps - j * gap for j in range(n) if total_steps - j * gap >= 1})
+
+
+def _snapshot(model, path: Path) -> None:
+    """Weights only (tied tensors once), written atomically."""
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_average(model, snapshots: Sequence[Path]) -> None:
+    """Load the mean of the weight ``snapshots`` (float64 sums) into ``model``."""
+    from safetensors.torch import load_file
+
+    total: dict[str, torch.Tensor] = {}
+    for f in snapshots:
+        for k, v in load_file(str(f)).items():
+            total[k] = total[k] + v.double() if k in total else v.double()
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    mean = {k: (v / len(snapshots)).to(dtypes.get(k, torch.float32)) for k, v in total.items()}
+    missing, unexpected = model.load_state_dict(mean, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}  # saved once, as the embedding
+    if unexpected or set(missing) - tied:
+        raise ConfigError(f"weight snapshots {snapshots[0].parent} do not match the model: missing "
+                          f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -486,7 +535,7 @@ def pretrain(
         fused=(device.type == "cuda" and not fsdp) or None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.schedule)
     )
     if state is not None:
         load_optim_state(optimizer, raw_model, state["optimizer"], fsdp)
@@ -521,6 +570,9 @@ def pretrain(
             {"step": at_step, "data_position": data_pos, "loss_history": history, "model_key": model_key},
             cfg.keep_checkpoints,
         )
+
+    avg_steps = set(average_steps(total_steps, cfg.average_last))
+    avg_dir = out_dir / "average"
 
     while step < target_steps:
         g0 = data_pos
@@ -579,6 +631,10 @@ def pretrain(
                 sink.log_metrics({"heldout_loss": h}, step)
         if downstream is not None and downstream.due(step) and step < total_steps and rank == 0:
             sink.log_metrics(downstream(raw_model, device), step)
+        if step in avg_steps:  # a snapshot for the average (on disk: a resumed run keeps the earlier ones)
+            weights = unsharded()
+            if rank == 0:
+                _snapshot(weights, avg_dir / f"step-{step:08d}.safetensors")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < target_steps:
             save(step)
 
@@ -601,17 +657,27 @@ def pretrain(
     h_loss, h_by_src = (None, {})
     if heldout is not None and (rank == 0 or fsdp):
         h_loss, h_by_src = evaluate(raw_model, heldout, cfg, attn_impl, device)
-        if rank == 0:
-            sink.log_metrics({"heldout_loss": h_loss, **{f"heldout_loss/{s}": v for s, v in h_by_src.items()}}, step)
-        else:
+        if rank != 0:
             h_loss, h_by_src = None, {}
+    final = unsharded()  # under FSDP a collective: rank 0's copy with every weight
+    h_last, probe_model = None, raw_model
+    if avg_steps and rank == 0:  # the final model is the snapshots' mean; the last weights' loss is kept beside it
+        final = final.to(device)
+        load_average(final, [avg_dir / f"step-{s:08d}.safetensors" for s in sorted(avg_steps)])
+        h_last, probe_model = h_loss, final
+        if heldout is not None:
+            h_loss, h_by_src = evaluate(final, heldout, cfg, attn_impl, device)
+    if rank == 0 and h_loss is not None:
+        extra = {"heldout_loss_last": h_last} if h_last is not None else {}
+        sink.log_metrics({"heldout_loss": h_loss, **extra, **{f"heldout_loss/{s}": v for s, v in h_by_src.items()}},
+                         step)
     if downstream is not None and downstream.every and rank == 0:
-        sink.log_metrics(downstream(raw_model, device), step)
+        sink.log_metrics(downstream(probe_model, device), step)
     result = PretrainResult(
         completed=True, heldout_loss=h_loss, heldout_loss_by_source=h_by_src,
-        model_dir=str(out_dir / "model"), metrics_path=str(out_dir / "metrics.json"), checkpoint_dir=None, **common,
+        model_dir=str(out_dir / "model"), metrics_path=str(out_dir / "metrics.json"), checkpoint_dir=None,
+        heldout_loss_last=h_last, averaged=len(avg_steps), **common,
     )
-    final = unsharded()
     if rank == 0:
         with atomic_dir(out_dir / "model") as tmp:
             final.save_pretrained(tmp, safe_serialization=True)

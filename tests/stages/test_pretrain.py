@@ -20,6 +20,7 @@ from stages.pretrain import (
     IGNORE_INDEX,
     PretrainConfig,
     TokenSplit,
+    average_steps,
     causal_lm_loss,
     load_loss_history,
     lr_factor,
@@ -56,6 +57,45 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
     assert lr_factor(4, 4, 20, 0.1) == pytest.approx(1.0)
     assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
     assert lr_factor(12, 4, 20, 0.1) == pytest.approx(0.55)
+
+
+def test_linear_schedule_anneals_to_zero():
+    assert lr_factor(0, 2, 12, 0.0, "linear") == pytest.approx(0.5)
+    assert lr_factor(2, 2, 12, 0.0, "linear") == pytest.approx(1.0)
+    assert lr_factor(7, 2, 12, 0.0, "linear") == pytest.approx(0.5)
+    assert lr_factor(12, 2, 12, 0.0, "linear") == pytest.approx(0.0)
+    assert average_steps(12, 3) == [4, 8, 12] and average_steps(2, 4) == [1, 2] and average_steps(12, 1) == []
+
+
+def test_the_final_model_is_the_mean_of_the_snapshots_and_resumes(splits, tmp_path):
+    """Annealing with checkpoint averaging (Llama 3): linear decay to 0, the final weights the mean of 3 snapshots
+    (steps 4, 8, 12, each the weights then), the last weights' held-out loss reported beside the mean's; a run
+    stopped between snapshots resumes to the same average."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    train, heldout = splits
+    cfg = CFG.derive(steps=12, schedule="linear", min_lr_ratio=0.0, average_last=3, checkpoint_every=2)
+    sink = MemorySink()
+    res = pretrain(cfg, MODEL, train, heldout, tmp_path / "run", sink=sink)
+    snaps = sorted((tmp_path / "run" / "average").glob("step-*.safetensors"))
+    assert [f.name for f in snaps] == ["step-00000004.safetensors", "step-00000008.safetensors",
+                                       "step-00000012.safetensors"]
+    assert res.averaged == 3 and res.heldout_loss_last is not None and res.heldout_loss != res.heldout_loss_last
+    final = LlamaForCausalLM.from_pretrained(res.model_dir).state_dict()
+    parts = [load_file(str(f)) for f in snaps]
+    for name, w in parts[0].items():
+        torch.testing.assert_close(final[name], sum(p[name] for p in parts) / 3, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(parts[0][name], parts[2][name])  # the snapshots differ: the mean is not the last
+    assert any("heldout_loss_last" in m for _, m in sink.rows)
+    lrs = [m["lr"] for _, m in sink.rows if "lr" in m]
+    assert lrs[-1] < lrs[2] / 5  # decayed linearly towards 0
+    stopped = pretrain(cfg, MODEL, train, heldout, tmp_path / "again", stop_after_steps=6)
+    assert not stopped.completed
+    resumed = pretrain(cfg, MODEL, train, heldout, tmp_path / "again")
+    assert resumed.heldout_loss == pytest.approx(res.heldout_loss, abs=1e-6)
+    again = LlamaForCausalLM.from_pretrained(resumed.model_dir).state_dict()
+    torch.testing.assert_close(again[name], final[name], rtol=1e-6, atol=1e-6)
 
 
 def test_config_validation_names_fields():
