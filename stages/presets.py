@@ -329,8 +329,9 @@ def smollm2_cpu() -> PipelineConfig:
                            micro_batch_size=4, log_every=2, eval_tokens=2048, num_threads=2)
 
     def rm(category: str, other: float) -> RMConfig:
+        # a third of the few pairs held out, so each RM has some of every category to report accuracy on
         return RMConfig(category=category, other_ratio=other, lr=1e-5, batch_pairs=8, micro_pairs=4,
-                        max_tokens=128, num_threads=2, min_warmup_steps=1)
+                        max_tokens=128, num_threads=2, min_warmup_steps=1, heldout_fraction=0.34)
 
     return base.derive(
         name="smollm2-cpu",
@@ -338,7 +339,7 @@ def smollm2_cpu() -> PipelineConfig:
                                                safety_repeats=1, gatt=False).model_dump(),
                             tokenize=SFTTokenizeConfig(max_tokens=256).model_dump(), train=train.model_dump(),
                             epochs=1.0).model_dump(),
-        preferences=PreferenceLoopConfig(collect=CollectConfig(prompts=32, safety_share=0.3, generation=gen),
+        preferences=PreferenceLoopConfig(collect=CollectConfig(prompts=40, safety_share=0.3, generation=gen),
                                          batches=1).model_dump(),
         rewards=RewardsConfig(helpfulness=rm("helpfulness", 1.0), safety=rm("safety", 1.0 / 9.0)).model_dump(),
         alignment=AlignmentConfig(
