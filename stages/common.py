@@ -133,6 +133,16 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Put ``src`` at ``dst`` as a hard link where the filesystem allows, else as a copy. Stage outputs are never
+    written in place (every writer fills a fresh folder and renames it), so a linked file cannot change under
+    its other name, and a 500 MB model shared by two stage folders takes its space once."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def confined(path: str | Path, *roots: str | Path, field: str, error: type[Exception] | None = None,
              file: str | None = None, hint: str = "") -> Path:
     """``path`` resolved (symlinks followed, ``..`` collapsed; a relative path against the working directory),

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
-from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, read_manifest, write_json_atomic
+from stages.common import NULL_SINK, MetricsSink, StageConfig, atomic_dir, link_or_copy, read_manifest, write_json_atomic
 from stages.distributed import Processes, check_train_processes
 from stages.errors import DataValidationError, MissingAssetError
 from stages.model import ModelConfig
@@ -114,7 +113,7 @@ def sft(cfg: SFTConfig, base_model_dir: str | Path, tokenizer_dir: str | Path, c
     if procs.rank == 0:
         with atomic_dir(out_dir / "model") as tmp:
             for f in Path(res.model_dir).iterdir():
-                shutil.copy2(f, tmp / f.name)
+                link_or_copy(f, tmp / f.name)
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(tmp)

@@ -38,6 +38,8 @@ def smol_run(prefect_mlflow, package_cache, smollm2, tmp_path_factory):
     with own_store(tmp_path_factory.mktemp("smollm2") / "home", package_cache) as home:
         _link_tree(smollm2, home / "models" / "smollm2-135m")  # where `herd models import smollm2-135m` puts it
         yield {"result": pipeline_flow(cfg), "home": home, "cfg": cfg}
+        for heavy in ("store", "mlartifacts", "models"):  # ~5 GB of 135M-parameter copies; the logs stay
+            shutil.rmtree(home / heavy, ignore_errors=True)
 
 
 def test_the_pipeline_starts_from_the_imported_model_and_skips_pretraining(smol_run):
