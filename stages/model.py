@@ -212,12 +212,23 @@ def require_safetensors(model_dir: str | Path) -> Path:
     return model_dir
 
 
-def load_causal_lm(model_dir: str | Path, attn_implementation: str = "sdpa"):
-    """A saved ``LlamaForCausalLM`` (safetensors only: no pickle), fp32 on CPU, for training or scoring."""
-    from transformers import LlamaForCausalLM
+def load_causal_lm(model_dir: str | Path, attn_implementation: str = "sdpa", *, rope_theta: float | None = None,
+                   max_seq_len: int | None = None):
+    """A saved ``LlamaForCausalLM`` (safetensors only: no pickle), fp32 on CPU, for training or scoring.
+    ``rope_theta`` and ``max_seq_len``, where given, replace the saved ones (a longer context, as Llama 3's
+    long-context stages raise it): the weights are the same, the rotary table is rebuilt."""
+    from transformers import AutoConfig, LlamaForCausalLM
 
     model_dir = require_safetensors(model_dir)
-    model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if rope_theta is not None:
+        rope = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default"})
+        if rope.get("rope_type", "default") == "default":  # scaled RoPE variants keep their own parameters
+            rope["rope_theta"] = float(rope_theta)
+            config.rope_parameters = rope
+    if max_seq_len is not None:
+        config.max_position_embeddings = max(int(max_seq_len), config.max_position_embeddings)
+    model = LlamaForCausalLM.from_pretrained(model_dir, config=config, local_files_only=True, use_safetensors=True,
                                              dtype=torch.float32, attn_implementation=attn_implementation)
     model.config.use_cache = False
     return model

@@ -97,6 +97,17 @@ class PretrainConfig(StageConfig):
                               "the final model is the mean of this many weight snapshots, evenly spaced and ending "
                               "at the last step (0 or 1: the last weights). The last weights' held-out loss is "
                               "reported next to the average's.")
+    source_weights: dict[str, float] = Field(default_factory=dict, description="Upsampling by source (Llama 3's "
+                                             "anneal on high-quality data): a packed window whose main document comes "
+                                             "from a named source is drawn this many times as often (others: 1). "
+                                             "Empty: every window once per epoch, in a seeded shuffle.")
+    batch_ramp: list[tuple[int, int]] = Field(default_factory=list, description="Llama 3's batch-size ramp: "
+                                              "[tokens_seen, batch_tokens] pairs in increasing order; from the step "
+                                              "that starts with at least tokens_seen tokens trained, the global "
+                                              "batch is batch_tokens (before the first: batch_tokens above).")
+    long_doc_weight: float = Field(1.0, gt=0, description="Upsampling of long documents (Llama 3's long-context "
+                                   "stages): a window that one document fills at least half of is drawn this many "
+                                   "times as often. 1: no upsampling.")
 
     @model_validator(mode="after")
     def _batch(self) -> PretrainConfig:
@@ -109,23 +120,70 @@ class PretrainConfig(StageConfig):
             )
         if self.steps is None and self.max_tokens < self.batch_tokens:
             raise ValueError(f"max_tokens={self.max_tokens} is below one batch (batch_tokens={self.batch_tokens})")
+        at = -1
+        for i, (seen, bt) in enumerate(self.batch_ramp):
+            if seen <= at:
+                raise ValueError(f"batch_ramp[{i}]: tokens_seen={seen} must exceed the previous step's ({at})")
+            if bt % self.seq_len or (bt // self.seq_len) % self.micro_batch_size or bt <= 0:
+                raise ValueError(f"batch_ramp[{i}]: batch_tokens={bt} must be a positive multiple of seq_len x "
+                                 f"micro_batch_size ({self.seq_len} x {self.micro_batch_size})")
+            at = seen
         return self
+
+    @model_validator(mode="after")
+    def _weights(self) -> PretrainConfig:
+        bad = [k for k, v in self.source_weights.items() if not v > 0]
+        if bad:
+            raise ValueError(f"source_weights[{bad[0]!r}] must be > 0 (a source to leave out belongs in the mix, not "
+                             f"here)")
+        return self
+
+    @property
+    def weighted(self) -> bool:
+        """Whether windows are drawn by weight (with replacement) instead of once per epoch."""
+        return bool(self.source_weights) or self.long_doc_weight != 1.0
 
     @property
     def sequences_per_batch(self) -> int:
         return self.batch_tokens // self.seq_len
 
+    def batch_at(self, tokens_seen: int) -> int:
+        """Global batch in tokens of the step that starts after ``tokens_seen`` training tokens (the ramp)."""
+        bt = self.batch_tokens
+        for seen, ramp_bt in self.batch_ramp:
+            if tokens_seen >= seen:
+                bt = ramp_bt
+        return bt
+
+    def tokens_before(self, step: int) -> int:
+        """Training tokens in the first ``step`` optimizer steps."""
+        if not self.batch_ramp:
+            return step * self.batch_tokens
+        seen = 0
+        for _ in range(step):
+            seen += self.batch_at(seen)
+        return seen
+
     @property
     def total_steps(self) -> int:
-        return self.steps if self.steps is not None else self.max_tokens // self.batch_tokens
+        if self.steps is not None:
+            return self.steps
+        if not self.batch_ramp:
+            return self.max_tokens // self.batch_tokens
+        steps, seen = 0, 0
+        while seen + self.batch_at(seen) <= self.max_tokens:
+            seen += self.batch_at(seen)
+            steps += 1
+        return steps
 
-    def grad_accum_steps(self, world_size: int = 1) -> int:
-        """Micro-batches per optimizer step on each rank."""
-        per_rank, rem = divmod(self.sequences_per_batch, world_size * self.micro_batch_size)
+    def grad_accum_steps(self, world_size: int = 1, batch_tokens: int | None = None) -> int:
+        """Micro-batches per optimizer step on each rank (for a batch of ``batch_tokens``: default the first)."""
+        bt = batch_tokens or self.batch_tokens
+        per_rank, rem = divmod(bt // self.seq_len, world_size * self.micro_batch_size)
         if rem or per_rank == 0:
             raise ConfigError(
                 f"micro_batch_size={self.micro_batch_size} x world_size={world_size} must divide the global batch "
-                f"of {self.sequences_per_batch} sequences (batch_tokens={self.batch_tokens} / seq_len={self.seq_len})"
+                f"of {bt // self.seq_len} sequences (batch_tokens={bt} / seq_len={self.seq_len})"
             )
         return per_rank
 
@@ -134,6 +192,7 @@ class PretrainResult(BaseModel):
     completed: bool
     averaged: int = 0  # weight snapshots averaged into the final model (average_last); 0: the last weights
     heldout_loss_last: float | None = None  # with averaging: the last weights' held-out loss (heldout_loss: the mean's)
+    last_model_dir: str | None = None  # with averaging: the last weights, saved beside the mean (model_dir)
     steps: int
     tokens: int
     final_loss: float
@@ -242,6 +301,62 @@ class DataOrder:
                     self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
                 j = int(self._perm[epoch][j])
             out[i] = j * self.seq_len
+        return out
+
+
+def window_weights(split: TokenSplit, seq_len: int, source_weights: dict[str, float],
+                   long_doc_weight: float) -> np.ndarray:
+    """Draw weight of each packed window ``j`` (tokens ``j*seq_len .. j*seq_len+seq_len``): the source weight of
+    the document holding most of the window's tokens, times ``long_doc_weight`` when that document fills at
+    least half of the window (a document long enough to teach the new context length)."""
+    n = split.n_windows(seq_len)
+    lo = np.arange(n, dtype=np.int64) * seq_len
+    hi = lo + seq_len  # exclusive
+    off = split.offsets
+    first = np.searchsorted(off, lo, side="right") - 1
+    last = np.searchsorted(off, hi - 1, side="right") - 1
+    piece_first = np.minimum(off[first + 1], hi) - lo
+    piece_last = hi - np.maximum(off[last], lo)
+    best_len, best_doc = piece_first.copy(), first.copy()  # ties go to the earlier document
+    lengths = np.diff(off)
+    middle = np.flatnonzero(last - first >= 2)  # whole documents strictly inside a window
+    for w in middle:  # rare at long lengths: documents shorter than a window
+        docs = np.arange(first[w] + 1, last[w])
+        k = int(docs[np.argmax(lengths[docs])])
+        if lengths[k] > best_len[w]:
+            best_len[w], best_doc[w] = lengths[k], k
+    take = (last != first) & (piece_last > best_len)
+    best_len[take], best_doc[take] = piece_last[take], last[take]
+    weights = np.ones(n, dtype=np.float64)
+    if source_weights:
+        by_source = np.array([source_weights.get(str(s), 1.0) for s in split.sources], dtype=np.float64)
+        weights *= by_source[best_doc]
+    if long_doc_weight != 1.0:
+        weights[best_len * 2 >= seq_len] *= long_doc_weight
+    return weights
+
+
+class WeightedOrder:
+    """Deterministic global order of packed windows drawn with replacement by weight: global sequence g ->
+    window start. Draws come in seeded blocks, so any g is recomputed the same way after a resume."""
+
+    BLOCK = 4096
+
+    def __init__(self, weights: np.ndarray, seq_len: int, seed: int):
+        if len(weights) == 0:
+            raise DataValidationError(f"split too short for one sequence of seq_len={seq_len}", field="seq_len")
+        self.p = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.seq_len, self.seed = seq_len, seed
+        self._block: tuple[int, np.ndarray] | None = None
+
+    def starts(self, g0: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for i, g in enumerate(range(g0, g0 + count)):
+            b, j = divmod(g, self.BLOCK)
+            if self._block is None or self._block[0] != b:
+                rng = np.random.default_rng([self.seed, 0x77, b])
+                self._block = (b, rng.choice(len(self.p), size=self.BLOCK, p=self.p))
+            out[i] = int(self._block[1][j]) * self.seq_len
         return out
 
 
@@ -468,7 +583,8 @@ def pretrain(
     dist, fsdp = procs.dist, procs.fsdp
     if dist is not None:
         rank, world_size = procs.rank, procs.world_size
-    accum = cfg.grad_accum_steps(world_size)
+    for bt in {cfg.batch_tokens, *(b for _, b in cfg.batch_ramp)}:  # every batch size divides over the ranks
+        cfg.grad_accum_steps(world_size, bt)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.seq_len > model_cfg.max_seq_len:
@@ -490,15 +606,19 @@ def pretrain(
             file=str(data_dir), field="seq_len")
     heldout = TokenSplit(heldout_dir) if heldout_dir is not None else None
     vocab = train.vocab_size or max(train.max_token(), heldout.max_token() if heldout else 0) + 1
-    order = DataOrder(train.n_windows(cfg.seq_len), cfg.seq_len, cfg.seed, cfg.shuffle)
+    if cfg.weighted:
+        order = WeightedOrder(window_weights(train, cfg.seq_len, cfg.source_weights, cfg.long_doc_weight),
+                              cfg.seq_len, cfg.seed)
+    else:
+        order = DataOrder(train.n_windows(cfg.seq_len), cfg.seq_len, cfg.seed, cfg.shuffle)
     total_steps = cfg.total_steps
-    n_seq = cfg.sequences_per_batch
-    per_rank = n_seq // world_size
 
     def fresh_model():
         if init_model_dir is None:
             return build_model(model_cfg, vocab, seed=cfg.seed)
-        return load_causal_lm(init_model_dir, model_cfg.attn_implementation)
+        # continued pretraining may raise the context and RoPE theta (Llama 3's long-context stages)
+        return load_causal_lm(init_model_dir, model_cfg.attn_implementation, rope_theta=model_cfg.rope_theta,
+                              max_seq_len=model_cfg.max_seq_len)
 
     raw_model = fresh_model()
     if init_model_dir is not None:
@@ -574,8 +694,12 @@ def pretrain(
     avg_steps = set(average_steps(total_steps, cfg.average_last))
     avg_dir = out_dir / "average"
 
+    seen = cfg.tokens_before(step)  # training tokens so far (the batch-size ramp reads it)
     while step < target_steps:
         g0 = data_pos
+        batch_tokens = cfg.batch_at(seen)
+        n_seq = batch_tokens // cfg.seq_len
+        per_rank, accum = n_seq // world_size, cfg.grad_accum_steps(world_size, batch_tokens)
         ids, labels, docs = train.windows(order.starts(g0, n_seq), cfg.seq_len)
         n_valid = int((labels != IGNORE_INDEX).sum())  # global count: identical on every rank
         lo = rank * per_rank
@@ -606,20 +730,21 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         data_pos += n_seq
+        seen += batch_tokens
         history.append(loss)
         last_loss = loss
-        tok_window += cfg.batch_tokens
+        tok_window += batch_tokens
         if step == steady_from:
             t_steady = time.perf_counter()  # excludes the first step (compile, warm caches)
         elif t_steady is not None:
-            tok_steady += cfg.batch_tokens
+            tok_steady += batch_tokens
 
         if rank == 0 and (step % cfg.log_every == 0 or step == target_steps):
             now = time.perf_counter()
             tps = tok_window / max(now - t_window, 1e-9)
             metrics = {
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "mfu": mfu(tps, fpt, peak),
-                "peak_mem_mb": _peak_mem_mb(device), "tokens": float(step * cfg.batch_tokens),
+                "peak_mem_mb": _peak_mem_mb(device), "tokens": float(seen),
             }
             sink.log_metrics(metrics, step)
             log.info("step %d loss %.4f lr %.2e gnorm %.3f tok/s %.0f", step, loss, lr, grad_norm, tps)
@@ -643,7 +768,7 @@ def pretrain(
     else:
         tokens_per_s = 0.0
     common = dict(
-        steps=step, tokens=step * cfg.batch_tokens, final_loss=last_loss, tokens_per_s=tokens_per_s,
+        steps=step, tokens=seen, final_loss=last_loss, tokens_per_s=tokens_per_s,
         mfu=mfu(tokens_per_s, fpt, peak), flops_per_token=fpt, peak_mem_mb=_peak_mem_mb(device),
         num_params=n_params, vocab_size=vocab,
     )
@@ -662,6 +787,8 @@ def pretrain(
     final = unsharded()  # under FSDP a collective: rank 0's copy with every weight
     h_last, probe_model = None, raw_model
     if avg_steps and rank == 0:  # the final model is the snapshots' mean; the last weights' loss is kept beside it
+        with atomic_dir(out_dir / "last") as tmp:  # and the last weights themselves, to benchmark against the mean
+            final.save_pretrained(tmp, safe_serialization=True)
         final = final.to(device)
         load_average(final, [avg_dir / f"step-{s:08d}.safetensors" for s in sorted(avg_steps)])
         h_last, probe_model = h_loss, final
@@ -676,7 +803,8 @@ def pretrain(
     result = PretrainResult(
         completed=True, heldout_loss=h_loss, heldout_loss_by_source=h_by_src,
         model_dir=str(out_dir / "model"), metrics_path=str(out_dir / "metrics.json"), checkpoint_dir=None,
-        heldout_loss_last=h_last, averaged=len(avg_steps), **common,
+        heldout_loss_last=h_last, averaged=len(avg_steps), last_model_dir=str(out_dir / "last") if avg_steps else None,
+        **common,
     )
     if rank == 0:
         with atomic_dir(out_dir / "model") as tmp:

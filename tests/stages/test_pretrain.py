@@ -269,3 +269,25 @@ def test_activation_checkpointing_recomputes_the_same_curve(splits, tmp_path):
     np.testing.assert_allclose(load_loss_history(tmp_path / "ac"), load_loss_history(tmp_path / "plain"), atol=1e-6,
                                rtol=0)
     assert ckpt.final_loss == pytest.approx(plain.final_loss, abs=1e-6)
+
+
+def test_the_batch_size_ramp_doubles_the_batch_and_resumes_exactly_across_a_ramp_step(splits, tmp_path):
+    """Llama 3's batch-size ramp: 256-token batches, 512 from 512 tokens seen, 1024 from 1536; stopped at the
+    step before the first ramp step, the rerun resumes on the uninterrupted curve and token count."""
+    train, _ = splits
+    cfg = CFG.derive(steps=None, max_tokens=4096, batch_ramp=[(512, 512), (1536, 1024)])
+    assert [cfg.batch_at(cfg.tokens_before(s)) for s in range(cfg.total_steps)] == [256, 256, 512, 512, 1024, 1024]
+    assert cfg.total_steps == 6 and cfg.tokens_before(6) == 3584
+    sink = MemorySink()
+    full = pretrain(cfg, MODEL, train, None, tmp_path / "full", sink=sink)
+    assert full.steps == 6 and full.tokens == 3584
+    assert [m["tokens"] for _, m in sink.rows if "tokens" in m] == [
+        256, 512, 1024, 1536, 2560, 3584]
+    part = pretrain(cfg, MODEL, train, None, tmp_path / "split", stop_after_steps=2)
+    assert not part.completed and part.tokens == 512
+    resumed = pretrain(cfg, MODEL, train, None, tmp_path / "split")
+    assert resumed.tokens == 3584 and load_loss_history(tmp_path / "split") == load_loss_history(tmp_path / "full")
+    with pytest.raises(ValidationError, match=r"batch_ramp\[1\]"):
+        CFG.derive(batch_ramp=[(512, 512), (256, 1024)])
+    with pytest.raises(ValidationError, match=r"batch_ramp\[0\]: batch_tokens=96"):
+        CFG.derive(batch_ramp=[(512, 96)])
