@@ -70,9 +70,8 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
             model = pretrain_flow(p, tok["tokens"]["path"], str(Path(fit["output"]) / "fit.json") if fit else None,
                                   parent_run_id=run_id)
             params = model.get("total_params") or model["num_params"]
-            stages = [{"stage": "base", "model_dir": model["model_dir"], "params": params, "tokens": model["tokens"],
-                       "heldout_loss": model["heldout_loss"], "wall_s": lap(),
-                       "benchmarks": bench(model["model_dir"], "base", run_id, tok["tokenizer"]["path"])}]
+            lap()
+            stages = _pretraining_rows(model, params, lambda d, label: bench(d, label, run_id, tok["tokenizer"]["path"]))
             tuned = sft_flow(config.sft, model["model_dir"], tok["tokenizer"]["path"], parent_run_id=run_id)
         stages.append({"stage": "sft", "model_dir": tuned["model_dir"], "params": params,
                        "tokens": _sft_tokens(tuned), "heldout_loss": tuned["heldout_loss"], "wall_s": lap(),
@@ -90,8 +89,8 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
             stages.append(_round_stage(a, params, lap()))
         if aligned:  # SFT's alignment numbers: the first round's baseline
             base_sft = aligned[0]["evaluation"]["baselines"].get("sft") or {}
-            stages[1] |= {"violation_rate": _rate(base_sft.get("violation")),
-                          "false_refusal_rate": _rate(base_sft.get("false_refusal"))}
+            next(r for r in stages if r["stage"] == "sft").update(
+                violation_rate=_rate(base_sft.get("violation")), false_refusal_rate=_rate(base_sft.get("false_refusal")))
         card = report_task(stages, run_id, config.name, _contamination(curated["output"]) if curated else {},
                            time.perf_counter() - t_start, str(s.home))
         report("report-card", {})
@@ -102,8 +101,9 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
             "scaling": {k: fit[k] for k in ("output", "isoflop", "parametric", "ci", "recommendation")} if fit else None,
             "pretrain": {k: model[k] for k in ("size", "num_params", "scaling_params", "tokens", "final_loss",
                                                "heldout_loss", "heldout_loss_by_source", "tokens_per_s", "mfu",
-                                               "model_dir")} if model else None,
-            "base_model": stages[0]["model_dir"],
+                                               "model_dir", "main_model_dir", "context_len", "stages")}
+            if model else None,
+            "base_model": next(r["model_dir"] for r in stages if r["stage"] == "base"),
             "sft": {k: tuned[k] for k in ("model_dir", "steps", "final_loss", "heldout_loss", "tokens")},
             "reward_rounds": [{"batches": r["batches"], "new_batches": r["new_batches"],
                                "staleness": {c: [{"batch_id": x["batch_id"], "accuracy": x["accuracy"]} for x in v]
@@ -114,6 +114,34 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
                                                  for c, m in r["reward_models"].items()}} for r in rounds],
             "alignment": [round_summary(a) for a in aligned],
             "report": {"path": card["path"], "markdown": card["markdown"]}}
+
+
+def _pretraining_rows(model: dict, params: int, bench) -> list[dict]:
+    """Report-card rows of pretraining: the main run and each stage after it (context stages; the anneal's last
+    weights beside their average), each benchmarked, ending with ``base``: the model the recipe goes on from.
+    Held-out loss is at the main run's sequence length in every row (a longer window lowers it by itself)."""
+    stages = model.get("stages") or []
+    rows = []
+    if stages:
+        rows.append({"stage": "main", "model_dir": model["main_model_dir"], "params": params,
+                     "tokens": model["tokens"], "heldout_loss": model["heldout_loss"], "wall_s": model.get("wall_s"),
+                     "benchmarks": bench(model["main_model_dir"], "main")})
+        for st in stages[:-1]:
+            rows.append({"stage": st["stage"], "model_dir": st["model_dir"], "params": params, "tokens": st["tokens"],
+                         "heldout_loss": st["short_loss"], "wall_s": st.get("wall_s"),
+                         "benchmarks": bench(st["model_dir"], st["stage"])})
+        last = stages[-1]
+        if last.get("last_model_dir"):
+            label = f"{last['stage']}-last"
+            rows.append({"stage": label, "model_dir": last["last_model_dir"], "params": params,
+                         "tokens": last["tokens"], "heldout_loss": last["short_loss_last"], "wall_s": None,
+                         "benchmarks": bench(last["last_model_dir"], label)})
+    tokens = model["tokens"] + sum(st["tokens"] for st in stages)
+    rows.append({"stage": "base", "model_dir": model["model_dir"], "params": params, "tokens": tokens,
+                 "heldout_loss": stages[-1]["short_loss"] if stages else model["heldout_loss"],
+                 "wall_s": (stages[-1] if stages else model).get("wall_s"),
+                 "benchmarks": bench(model["model_dir"], "base")})
+    return rows
 
 
 def _rate(r: dict | None) -> list[float] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from prefect import flow
@@ -12,8 +13,9 @@ from herd.settings import load_settings
 from stages.common import config_hash
 from stages.presets import PretrainingConfig, tiny
 from stages.scaling import FitConfig, plan_sweep, write_runs
+from stages.schedule import stage_configs
 from tasks.common import get_latest, set_latest
-from tasks.pretrain import pretrain_task
+from tasks.pretrain import continue_task, pretrain_task
 from tasks.progress import report
 from tasks.scaling import WORKERS, fit_task, sweep_run_task
 from tasks.tokenizer import tokenize_task, tokenizer_task
@@ -115,7 +117,10 @@ def scaling_fit_flow(runs_csv: str, output: str | None = None, config: FitConfig
 @flow(name="pretrain")
 def pretrain_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | None = None,
                   fit: str | None = None, parent_run_id: str | None = None) -> dict:
-    """Pretrain a Llama; size `auto` takes the latest scaling fit's recommendation for `config.budget`.
+    """Pretrain a Llama; size `auto` takes the latest scaling fit's recommendation for `config.budget`. Then
+    Llama 3's schedule: each of `config.context_stages` continues the model at a longer context, and the anneal
+    (`config.anneal`) ends it with a linear decay to zero and checkpoint averaging; every stage is registered as
+    a version of `base` tagged with its stage.
 
     Args:
         config: The pretraining config; `size`, `budget`, `train` and `nproc` are used.
@@ -135,8 +140,21 @@ def pretrain_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | 
     made_with = json.loads((Path(data["path"]) / "manifest.json").read_text()).get("tokenizer_dir")
     tokenizer = {"path": made_with if made_with and Path(made_with).is_dir() else get_latest(s.home, "tokenizer") or ""}
     with parent_run("pretrain", config.train, parent_run_id) as run_id:
+        t0 = time.perf_counter()
         res = pretrain_task(config.train, config.size, fit_obj, config.sweep, data, tokenizer, str(s.store),
                             config.nproc, run_id)
+        res["wall_s"] = time.perf_counter() - t0
         report("pretrain", {})
-    set_latest(s.home, model=res["model_dir"], **({"tokenizer": tokenizer["path"]} if tokenizer["path"] else {}))
-    return res
+        # Llama 3's schedule: context stages, then the anneal, each continuing the model before it
+        main_dir, stages = res["model_dir"], []
+        for stage in stage_configs(config.train, config.context_stages, config.anneal, config.stage_probe):
+            prev = stages[-1]["model_dir"] if stages else main_dir
+            t0 = time.perf_counter()
+            stages.append(continue_task(stage, prev, main_dir, data, tokenizer, str(s.store), run_id))
+            stages[-1]["wall_s"] = time.perf_counter() - t0
+            report(f"pretrain-{stage.name}", {})
+    final = stages[-1]["model_dir"] if stages else main_dir
+    set_latest(s.home, model=final, **({"tokenizer": tokenizer["path"]} if tokenizer["path"] else {}))
+    # model_dir: the base model the rest of the recipe starts from; main_model_dir: the main run's
+    return {**res, "main_model_dir": main_dir, "model_dir": final, "stages": stages,
+            "context_len": stages[-1]["seq_len"] if stages else config.train.seq_len}

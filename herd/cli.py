@@ -428,12 +428,15 @@ def pretrain(config: Optional[Path] = typer.Option(None, help="YAML overrides of
              preset: str = typer.Option("tiny", help=PRESET_HELP),
              data: Optional[Path] = typer.Option(None, help="token shards (default: the latest tokenized)"),
              fit: Optional[Path] = typer.Option(None, help="fit.json (default: the latest fit)")) -> None:
-    """Pretrain a Llama; `size: auto` takes the scaling fit's recommendation for `budget`."""
+    """Pretrain a Llama; `size: auto` takes the scaling fit's recommendation for `budget`. Then the preset's context
+    stages and anneal (Llama 3's schedule), each registered as a version of `base` tagged with its stage."""
     cfg = _load("pretraining", preset, config)
     _setup()
     from flows.pretraining import pretrain_flow
+    from stages.schedule import stage_configs
 
-    res = _run(1, "pretrain", lambda: pretrain_flow(cfg, str(data) if data else None, str(fit) if fit else None))
+    res = _run(1 + len(stage_configs(cfg.train, cfg.context_stages, cfg.anneal, cfg.stage_probe)), "pretrain",
+               lambda: pretrain_flow(cfg, str(data) if data else None, str(fit) if fit else None))
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "model"}, indent=2, default=str))
 
 
@@ -627,6 +630,8 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
         n_align += 2 + 1  # benchmarks of the base and SFT models, the report card
         # from a given base model (sft.base, e.g. the smollm2 presets) the pipeline starts at SFT
         n_before = 0 if cfg.sft.base != "pretrained" else len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling
+        if cfg.sft.base == "pretrained":
+            n_before += _schedule_steps(p)
         res = _with_bar(n_before + n_align, "demo", lambda: _alongside(pipeline_flow, cfg, settings))
     except HerdError as exc:
         _fail(exc)
@@ -641,6 +646,16 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
     if res["curation"]:
         typer.echo("Curated corpus: " + res["curation"]["output"] + "   Mixture: " + res["mix"]["output"])
     typer.echo("Stop the servers, the worker and the watcher with: .venv/bin/herd down")
+
+
+def _schedule_steps(p) -> int:
+    """Progress steps of pretraining's context stages and anneal: each stage, and the benchmarks of the main run,
+    each stage but the last (that one is `base`) and the anneal's last weights beside their average."""
+    from stages.schedule import stage_configs
+
+    stages = stage_configs(p.train, p.context_stages, p.anneal, p.stage_probe)
+    averaged = bool(stages) and stages[-1].train.average_last > 1
+    return 2 * len(stages) + int(averaged)
 
 
 def _alongside(pipeline, cfg, settings):

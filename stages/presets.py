@@ -29,6 +29,7 @@ from stages.ppo import PPOConfig
 from stages.rejection import RejectionConfig
 from stages.reward import RewardsConfig, RMConfig
 from stages.scaling import FitConfig, SweepConfig
+from stages.schedule import AnnealConfig, ContextStageConfig, ProbeConfig
 from stages.sft import SFTConfig
 from stages.sft_data import SFTDataConfig, SFTTokenizeConfig
 from stages.tokenizer import TokenizeConfig, TokenizerConfig
@@ -54,11 +55,37 @@ class PretrainingConfig(StageConfig):
     train: PretrainConfig = Field(default_factory=PretrainConfig, description="pretraining hyperparameters")
     nproc: int = Field(1, ge=1, description="processes; > 1 launches torchrun (train.parallelism: DDP or FSDP2, on "
                        "gloo/nccl)")
+    context_stages: list[ContextStageConfig] = Field(
+        default_factory=list, description="Llama 3's long-context stages after the main run, each continuing the "
+        "last at a longer seq_len (and RoPE theta) on upsampled long documents; empty: none")
+    anneal: AnnealConfig = Field(default_factory=AnnealConfig, description="the anneal after the context stages: "
+                                 "linear decay to 0 on upsampled high-quality sources, checkpoint averaging "
+                                 "(tokens 0: none)")
+    stage_probe: ProbeConfig = Field(default_factory=ProbeConfig, description="what each context stage is measured "
+                                     "on: position-bucketed loss, short-context loss against the main run, passkey")
 
     @model_validator(mode="after")
     def _processes(self) -> PretrainingConfig:
         check_train_processes(self.nproc, self.train)
         return self
+
+    @model_validator(mode="after")
+    def _stages(self) -> PretrainingConfig:
+        length = self.train.seq_len
+        for i, st in enumerate(self.context_stages):
+            if st.seq_len <= length:
+                raise ValueError(f"context_stages[{i}].seq_len={st.seq_len} must exceed the length before it "
+                                 f"({length}): each stage lengthens the context")
+            length = st.seq_len
+        if self.stage_probe.main_seq_len != self.train.seq_len and (self.context_stages or self.anneal.tokens):
+            raise ValueError(f"stage_probe.main_seq_len={self.stage_probe.main_seq_len} must equal train.seq_len="
+                             f"{self.train.seq_len} (the short-context check runs at the main run's length)")
+        return self
+
+    @property
+    def context_len(self) -> int:
+        """The context the final base model was trained for (the last context stage's, else the main run's)."""
+        return self.context_stages[-1].seq_len if self.context_stages else self.train.seq_len
 
 
 class PipelineConfig(StageConfig):
@@ -197,6 +224,10 @@ def _tiny_pretraining() -> PretrainingConfig:
         # OLMo-style in-loop downstream evaluation: hellaswag/arc_easy/piqa bpb every 250 steps (~2k steps in all)
         train=sweep_train.derive(log_every=50, eval_tokens=65_536, num_threads=2, downstream_every=250,
                                  downstream_items=100),
+        # Llama 3's schedule in miniature: 128 -> 256 -> 512 tokens of context, then the anneal with averaging
+        context_stages=[ContextStageConfig(seq_len=256, tokens=60_000), ContextStageConfig(seq_len=512, tokens=60_000)],
+        anneal=AnnealConfig(tokens=40_000, average_last=4),
+        stage_probe=ProbeConfig(main_seq_len=128, eval_tokens=32_768, passkey_trials=20),
     )
 
 
@@ -212,6 +243,9 @@ def _smoke_pretraining() -> PretrainingConfig:
         fit=FitConfig(n_boot=10, max_starts=8),
         budget=1e10,
         train=sweep_train.derive(downstream_every=5, downstream_items=8),
+        context_stages=[ContextStageConfig(seq_len=128, tokens=2048)],
+        anneal=AnnealConfig(tokens=2048, average_last=2),
+        stage_probe=ProbeConfig(main_seq_len=64, bucket=32, eval_tokens=4096, passkey_trials=4),
     )
 
 

@@ -13,6 +13,7 @@ from prefect import task
 from stages.common import config_hash, file_sha256, store_key, tree_sha256
 from stages.model import ModelConfig, num_params, scaling_params
 from stages.pretrain import PretrainConfig, TokenSplit, pretrain
+from stages.schedule import ContinueConfig, continue_pretraining
 from stages.scaling import SweepConfig
 from tasks.torchrun_stage import run_torchrun
 from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, register_folder, run_url, \
@@ -104,7 +105,8 @@ def pretrain_task(cfg: PretrainConfig, size: str, fit: dict | None, sweep: Sweep
         log_dataset("model", str(model_dir), digest, "output")
         version = register_folder(REGISTERED, rid, "model", str(model_dir), digest,
                                   {f"herd.{k}": p for k, (p, _) in inputs.items()}
-                                  | {f"herd.{k}_digest": d for k, (_, d) in inputs.items()} | {"herd.size": size})
+                                  | {f"herd.{k}_digest": d for k, (_, d) in inputs.items()} | {"herd.size": size,
+                                                                                              "herd.stage": "main"})
     rows = [{"source": s, "held-out loss": round(v, 4)} for s, v in (res.get("heldout_loss_by_source") or {}).items()]
     publish_markdown("pretrain", f"# Pretraining ({size}: {metrics.get('num_params', 0):.3g} params, "
                      f"{metrics.get('tokens', 0):.3g} tokens)\n\nfinal train loss {res['final_loss']:.4f}, held-out "
@@ -118,3 +120,62 @@ def pretrain_task(cfg: PretrainConfig, size: str, fit: dict | None, sweep: Sweep
             "scaling_params": scaling_params(model_cfg, vocab),
             "size": size, "model": model_cfg.model_dump(mode="json"), "samples": samples,
             "registered": {"name": REGISTERED, "version": version}}
+
+
+@task(task_run_name="pretrain-{cfg.name}")
+def continue_task(cfg: ContinueConfig, init_model_dir: str, main_model_dir: str, data: dict, tokenizer: dict,
+                  store: str, parent_run_id: str | None) -> dict:
+    """One stage after the main run (a long-context stage or the anneal): train, measure, log, register as a
+    version of ``base`` tagged with its stage."""
+    out = Path(store) / "pretrain" / cfg.name / config_hash("continue", cfg, init_model_dir,
+                                                           store_key(data["train"], store))
+    tok_dir = tokenizer.get("path") or None
+    with stage_run(f"pretrain/{cfg.name}", cfg.train, parent_run_id, tags={"herd.pretrain_stage": cfg.name}) as rid:
+        mlflow.log_params({"stage.rope_theta": cfg.rope_theta, "stage.init_model_dir": init_model_dir})
+        with MlflowSink(rid) as sink:
+            res = continue_pretraining(cfg, init_model_dir, data["train"], data["heldout"], out,
+                                       main_model_dir=main_model_dir, tokenizer_dir=tok_dir, sink=sink)
+        t = res.train
+        metrics = {k: float(v) for k, v in (("final_loss", t.final_loss), ("heldout_loss", t.heldout_loss),
+                                              ("heldout_loss_last", t.heldout_loss_last), ("tokens", t.tokens),
+                                              ("tokens_per_s", t.tokens_per_s), ("short_loss", res.short_loss),
+                                              ("short_loss_last", res.short_loss_last),
+                                              ("main_short_loss", res.main_short_loss)) if v is not None}
+        for label, losses in res.position_loss.items():
+            metrics |= {f"position_loss_{label}/{b}": v for b, v in losses.items()}
+        for label, acc in res.passkey.items():
+            metrics |= {f"passkey_{label}/{n}": v for n, v in acc.items()}
+        mlflow.log_metrics(metrics)
+        if res.passed is not None:
+            mlflow.set_tag("herd.short_context_recovered", str(res.passed).lower())
+        if res.figure:
+            mlflow.log_artifact(res.figure)
+        log_dataset("model-in", init_model_dir, tree_sha256(init_model_dir, "*.safetensors"), "input")
+        log_dataset("tokens-train", data["train"], tree_sha256(data["train"]), "input")
+        mlflow.log_artifacts(res.model_dir, "model")
+        digest = tree_sha256(res.model_dir, "*.safetensors")
+        log_dataset("model", res.model_dir, digest, "output")
+        version = register_folder(REGISTERED, rid, "model", res.model_dir, digest,
+                                  {"herd.stage": cfg.name, "herd.parent_model_dir": init_model_dir,
+                                   "herd.tokens_train": data["train"], "herd.seq_len": str(res.seq_len),
+                                   "herd.rope_theta": str(res.rope_theta)})
+    rows = [{"position": b, **{label: round(v.get(b, float("nan")), 4) for label, v in res.position_loss.items()}}
+            for b in (res.position_loss.get("after") or {})]
+    check = "" if res.passed is None else (
+        f"short-context held-out loss (seq_len {cfg.probe.main_seq_len}) {res.short_loss:.4f} against the main "
+        f"run's {res.main_short_loss:.4f}: {'recovered' if res.passed else 'NOT recovered'}\n\n")
+    avg = "" if t.heldout_loss_last is None else (
+        f"held-out loss of the mean of {t.averaged} checkpoints {t.heldout_loss:.4f}, of the last weights "
+        f"{t.heldout_loss_last:.4f}\n\n")
+    keys = "".join(f"- passkey {label}: " + ", ".join(f"{n} tokens {100 * a:.0f}%" for n, a in acc.items()) + "\n"
+                   for label, acc in res.passkey.items() if acc)
+    publish_markdown(f"pretrain-{cfg.name}", f"# Pretraining stage {cfg.name} (seq_len {res.seq_len}, RoPE theta "
+                     f"{res.rope_theta:g}, {t.tokens} tokens)\n\n{check}{avg}"
+                     + (markdown_table(rows) + "\n\n" if rows else "") + keys
+                     + f"\nRegistered as `{REGISTERED}` v{version}. MLflow run: {run_url(rid)}\n",
+                     f"pretraining stage {cfg.name}")
+    return {"stage": cfg.name, "model_dir": res.model_dir, "last_model_dir": res.last_model_dir,
+            "seq_len": res.seq_len, "rope_theta": res.rope_theta, "tokens": t.tokens, "final_loss": t.final_loss,
+            "heldout_loss": t.heldout_loss, "heldout_loss_last": t.heldout_loss_last, "averaged": t.averaged,
+            "position_loss": res.position_loss, "short_loss": res.short_loss, "main_short_loss": res.main_short_loss,
+            "short_loss_last": res.short_loss_last, "passed": res.passed, "passkey": res.passkey, "registered": {"name": REGISTERED, "version": version}}

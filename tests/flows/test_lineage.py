@@ -78,10 +78,16 @@ def _version(name: str, alias: str | None = None, version: int | None = None):
 
 def test_base_and_sft_are_registered_with_their_inputs(demo):
     res = demo["result"]
-    (base,) = mlflow.MlflowClient().search_model_versions("name='base'")
+    # main -> ctx-128 -> anneal, each a version of `base` tagged with its stage and naming the model it continued
+    versions = {v.tags["herd.stage"]: v for v in mlflow.MlflowClient().search_model_versions("name='base'")}
+    assert set(versions) == {"main", "ctx-128", "anneal"}
+    main, ctx, base = versions["main"], versions["ctx-128"], versions["anneal"]
     (sft,) = mlflow.MlflowClient().search_model_versions("name='sft'")
-    assert base.tags["herd.model_dir"] == res["pretrain"]["model_dir"] and base.tags["herd.size"] == "debug"
-    assert base.tags["herd.tokens_train"].endswith("/train") and base.tags["herd.tokenizer"] == res["tokenizer"]["path"]
+    assert base.tags["herd.model_dir"] == res["pretrain"]["model_dir"] and main.tags["herd.size"] == "debug"
+    assert main.tags["herd.model_dir"] == res["pretrain"]["main_model_dir"]
+    assert base.tags["herd.parent_model_dir"] == ctx.tags["herd.model_dir"]
+    assert ctx.tags["herd.parent_model_dir"] == main.tags["herd.model_dir"] and ctx.tags["herd.seq_len"] == "128"
+    assert main.tags["herd.tokens_train"].endswith("/train") and main.tags["herd.tokenizer"] == res["tokenizer"]["path"]
     assert sft.tags["herd.model_dir"] == res["sft"]["model_dir"]
     assert sft.tags["herd.base_model"] == base.tags["herd.model_dir"]
     assert sft.tags["herd.base_model_digest"] == base.tags["herd.digest"]
@@ -120,10 +126,14 @@ def test_lineage_walks_from_the_champion_to_the_raw_files_and_every_digest_match
                 (pairs,) = [c for c in export["children"] if c["name"] == "pairs-to-annotate"]
                 assert by_id[pairs["id"]]["run_name"] == "preferences/collect"
     # -> SFT model and data -> base model -> tokenizer and token shards -> mixture -> curated shards -> raw files
-    sft, base = by_name["sft v1"], by_name["base v1"]
+    # (base: the anneal's model <- the context stage's <- the main run's)
+    sft, base, ctx, main = by_name["sft v1"], by_name["base v3"], by_name["base v2"], by_name["base v1"]
     assert sft["run_name"] == "sft/train" and sft["path"] == demo["result"]["sft"]["model_dir"]
     assert by_name["sft-conversations"]["run_name"] == "sft/data"
-    assert base["run_name"] == "pretrain/train" and base["path"] == demo["result"]["pretrain"]["model_dir"]
+    assert base["run_name"] == "pretrain/anneal" and base["path"] == demo["result"]["pretrain"]["model_dir"]
+    assert ctx["run_name"] == "pretrain/ctx-128" and ctx["id"] in {c["id"] for c in base["children"]}
+    assert main["run_name"] == "pretrain/train" and main["path"] == demo["result"]["pretrain"]["main_model_dir"]
+    assert main["id"] in {c["id"] for c in ctx["children"]}
     assert {by_name[s]["run_name"] for s in ("tokens-train", "tokens-heldout")} == {"tokenizer/tokenize"}
     assert "mix" in {by_id[c["id"]]["run_name"] for c in by_name["tokens-train"]["children"]}  # tokens <- mixture
     assert by_name["tokenizer"]["run_name"] == "tokenizer/train"
@@ -140,7 +150,7 @@ def test_lineage_walks_from_the_champion_to_the_raw_files_and_every_digest_match
         node = next((c for c in node["children"] if not c.get("seen") and _reaches(c, "data")), None) or {"seen": 1}
     assert _subsequence(["policy", "sft", "base", "tokenizer", "mix", "curate"], path), path
     by_run = lineage(sft["run_id"])["root"]  # a run id: what that run read
-    assert by_run["run_name"] == "sft/train" and "base v1" in {c["name"] for c in by_run["children"]}
+    assert by_run["run_name"] == "sft/train" and "base v3" in {c["name"] for c in by_run["children"]}
     rows = check_digests(tree)
     bad = [r for r in rows if not r["ok"]]
     assert not bad, bad

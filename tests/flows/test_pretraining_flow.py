@@ -100,3 +100,31 @@ def test_the_pretrained_model_is_scored_with_its_separate_tokenizer(chain) -> No
     assert set(res["tasks"]) == {"piqa", "lambada"} and res["tasks"]["piqa"]["metrics"]["bpb"] > 0
     with pytest.raises(ConfigError, match="tokenizer"):
         benchmark_task.fn(cfg, model, "base", str(home / "store"), str(home / "cache"), None)
+
+
+def test_the_schedule_after_the_main_run_is_registered_stage_by_stage(chain) -> None:
+    """Llama 3's schedule in the smoke preset: main (seq_len 64) -> ctx-128 -> anneal. Each stage continues the one
+    before, logs its measurements and is a version of `base` tagged with its stage; the flow's model is the
+    anneal's average, its last weights kept beside it."""
+    model, p = chain["model"], chain["cfg"].pretraining
+    stages = model["stages"]
+    assert [s["stage"] for s in stages] == ["ctx-128", "anneal"] and model["context_len"] == 128
+    assert model["model_dir"] == stages[-1]["model_dir"] != model["main_model_dir"]
+    ctx, anneal = stages
+    assert ctx["seq_len"] == 128 and set(ctx["position_loss"]["after"]) == {"0-31", "32-63", "64-95", "96-127"}
+    assert set(ctx["position_loss"]["before"]) == set(ctx["position_loss"]["after"])
+    assert isinstance(ctx["passed"], bool) and ctx["short_loss"] > 0 and ctx["main_short_loss"] > 0
+    assert anneal["averaged"] == p.anneal.average_last and Path(anneal["last_model_dir"]).is_dir()
+    assert json.loads((Path(model["model_dir"]) / "config.json").read_text())["max_position_embeddings"] == 128
+    client = mlflow.MlflowClient()
+    versions = {v.tags.get("herd.stage"): v for v in client.search_model_versions("name='base'")
+                if v.tags.get("herd.model_dir") in (model["main_model_dir"], ctx["model_dir"], anneal["model_dir"])}
+    assert set(versions) == {"main", "ctx-128", "anneal"}
+    assert versions["anneal"].tags["herd.parent_model_dir"] == ctx["model_dir"]
+    assert versions["ctx-128"].tags["herd.parent_model_dir"] == model["main_model_dir"]
+    run = _runs("pretrain/ctx-128")[-1]
+    assert {"short_loss", "main_short_loss", "position_loss_after/96-127", "position_loss_before/0-31"} <= set(
+        run.data.metrics)
+    assert "positions.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    arun = _runs("pretrain/anneal")[-1]
+    assert {"heldout_loss", "heldout_loss_last", "short_loss_last"} <= set(arun.data.metrics)
