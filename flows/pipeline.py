@@ -92,7 +92,7 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
             next(r for r in stages if r["stage"] == "sft").update(
                 violation_rate=_rate(base_sft.get("violation")), false_refusal_rate=_rate(base_sft.get("false_refusal")))
         card = report_task(stages, run_id, config.name, _contamination(curated["output"]) if curated else {},
-                           time.perf_counter() - t_start, str(s.home))
+                           time.perf_counter() - t_start, str(s.home), (model or {}).get("downstream"))
         report("report-card", {})
     return {"fetch": {"path": fetched["path"], "docs": fetched["docs"]} if fetched else None, "curation": curated,
             "mix": {k: mixed[k] for k in ("output", "key")} if mixed else None,
@@ -102,6 +102,7 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
             "pretrain": {k: model[k] for k in ("size", "num_params", "scaling_params", "tokens", "final_loss",
                                                "heldout_loss", "heldout_loss_by_source", "tokens_per_s", "mfu",
                                                "model_dir", "main_model_dir", "context_len", "stages")}
+                         | {"downstream": model.get("downstream")}
             if model else None,
             "base_model": next(r["model_dir"] for r in stages if r["stage"] == "base"),
             "sft": {k: tuned[k] for k in ("model_dir", "steps", "final_loss", "heldout_loss", "tokens")},

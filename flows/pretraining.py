@@ -13,11 +13,13 @@ from herd.settings import load_settings
 from stages.common import config_hash
 from stages.presets import PretrainingConfig, tiny
 from stages.scaling import FitConfig, plan_sweep, write_runs
-from stages.schedule import stage_configs
+from stages.evaluation.harness import HarnessConfig
+from stages.schedule import AnnealTestConfig, stage_configs
 from tasks.common import get_latest, set_latest
-from tasks.pretrain import continue_task, pretrain_task
+from tasks.evaluation import benchmark_task
+from tasks.pretrain import anneal_compare_task, anneal_test_task, continue_task, pretrain_task
 from tasks.progress import report
-from tasks.scaling import WORKERS, fit_task, sweep_run_task
+from tasks.scaling import WORKERS, downstream_check_task, downstream_points_task, fit_task, sweep_run_task
 from tasks.tokenizer import tokenize_task, tokenizer_task
 from tasks.tracking import parent_run
 
@@ -89,6 +91,11 @@ def scaling_sweep_flow(config: PretrainingConfig = tiny().pretraining, tokens: s
         out.mkdir(parents=True, exist_ok=True)
         csv = out / "runs.csv"
         write_runs([(r["N"], r["D"], r["C"], r["loss"]) for r in rows], csv)
+        if config.downstream.tasks:  # the two-step prediction's points: each sweep model on the benchmarks
+            made_with = json.loads((Path(data["path"]) / "manifest.json").read_text()).get("tokenizer_dir") or \
+                get_latest(s.home, "tokenizer")
+            downstream_points_task(rows, config.downstream, made_with, str(out), str(s.cache), run_id)
+            report("downstream-points", {})
     set_latest(s.home, runs_csv=str(csv))
     return {"runs_csv": str(csv), "runs": rows}
 
@@ -145,6 +152,11 @@ def pretrain_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | 
                             config.nproc, run_id)
         res["wall_s"] = time.perf_counter() - t0
         report("pretrain", {})
+        if fit_obj is not None and fit_obj.get("downstream"):  # predicted before it trained, measured now
+            res["downstream"] = downstream_check_task(fit_path, res["model_dir"], tokenizer["path"],
+                                                      6.0 * res["scaling_params"] * res["tokens"], str(s.cache),
+                                                      run_id)
+            report("downstream-check", {})
         # Llama 3's schedule: context stages, then the anneal, each continuing the model before it
         main_dir, stages = res["model_dir"], []
         for stage in stage_configs(config.train, config.context_stages, config.anneal, config.stage_probe):
@@ -154,7 +166,43 @@ def pretrain_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | 
             stages[-1]["wall_s"] = time.perf_counter() - t0
             report(f"pretrain-{stage.name}", {})
     final = stages[-1]["model_dir"] if stages else main_dir
-    set_latest(s.home, model=final, **({"tokenizer": tokenizer["path"]} if tokenizer["path"] else {}))
+    set_latest(s.home, model=final, main_model=main_dir,
+               **({"tokenizer": tokenizer["path"]} if tokenizer["path"] else {}))
     # model_dir: the base model the rest of the recipe starts from; main_model_dir: the main run's
     return {**res, "main_model_dir": main_dir, "model_dir": final, "stages": stages,
             "context_len": stages[-1]["seq_len"] if stages else config.train.seq_len}
+
+
+@flow(name="anneal-test")
+def anneal_test_flow(dataset: str, config: PretrainingConfig = tiny().pretraining,
+                     test: AnnealTestConfig = AnnealTestConfig(), benchmarks: HarnessConfig = tiny().benchmarks,
+                     model: str | None = None, tokens: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Judge a small new dataset as Llama 3 did: anneal a partly trained model with `test.weight` (30%) of the
+    anneal drawn from `dataset`, and again without it, then compare the two on the benchmarks.
+
+    Args:
+        dataset: JSONL or JSONL.gz file of records with a `text` field.
+        config: The pretraining config; its `train` (the anneal's batch and length) and `stage_probe` are used.
+        test: The share on the dataset and the anneal both runs share.
+        benchmarks: The benchmarks both anneals are scored on.
+        model: The model to anneal (default: the latest main pretraining run's, before its context stages and
+            anneal).
+        tokens: Folder of token shards the rest of the anneal is drawn from (default: the latest tokenized).
+        parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+    """
+    s = load_settings()
+    data = _tokens(tokens)
+    model_dir = model or get_latest(s.home, "main_model") or get_latest(s.home, "model")
+    if not model_dir:
+        raise ValueError("no model to anneal: run `herd pretrain` (or `herd demo`) first, or pass --model")
+    made_with = json.loads((Path(data["path"]) / "manifest.json").read_text()).get("tokenizer_dir") or \
+        get_latest(s.home, "tokenizer")
+    with parent_run("anneal-test", test, parent_run_id) as run_id:
+        res = anneal_test_task(test, config.train, config.stage_probe, model_dir, data, dataset, made_with,
+                               str(s.store), run_id)
+        report("anneal-test", {})
+        scored = {label: benchmark_task(benchmarks, res[label], f"anneal-{label}", str(s.store), str(s.cache),
+                                        run_id, tokenizer=made_with) for label in ("with", "without")}
+        report("benchmarks", {})
+        deltas = anneal_compare_task(scored["with"]["tasks"], scored["without"]["tasks"], dataset, res)
+    return {**res, "deltas": deltas, "benchmarks": {k: v["tasks"] for k, v in scored.items()}}

@@ -402,7 +402,7 @@ def scaling_sweep(config: Optional[Path] = typer.Option(None, help="YAML overrid
     from flows.pretraining import scaling_sweep_flow
     from stages.scaling import plan_sweep
 
-    res = _with_bar(len(plan_sweep(cfg.sweep)), "sweep",
+    res = _with_bar(len(plan_sweep(cfg.sweep)) + bool(cfg.downstream.tasks), "sweep",
                     lambda: scaling_sweep_flow(cfg, str(data) if data else None, str(output) if output else None))
     typer.echo(Path(res["runs_csv"]).read_text())
     typer.echo(f"runs: {res['runs_csv']}")
@@ -435,9 +435,42 @@ def pretrain(config: Optional[Path] = typer.Option(None, help="YAML overrides of
     from flows.pretraining import pretrain_flow
     from stages.schedule import stage_configs
 
-    res = _run(1 + len(stage_configs(cfg.train, cfg.context_stages, cfg.anneal, cfg.stage_probe)), "pretrain",
+    steps = 1 + len(stage_configs(cfg.train, cfg.context_stages, cfg.anneal, cfg.stage_probe))
+    res = _run(steps + (cfg.size == "auto" and bool(cfg.downstream.tasks)), "pretrain",
                lambda: pretrain_flow(cfg, str(data) if data else None, str(fit) if fit else None))
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "model"}, indent=2, default=str))
+
+
+@app.command("anneal-test")
+def anneal_test(dataset: Path = typer.Option(..., "--dataset", help="JSONL(.gz) file of records with a 'text' field"),
+                preset: str = typer.Option("tiny", help=PRESET_HELP),
+                model: Optional[Path] = typer.Option(None, help="model to anneal (default: the latest main "
+                                                     "pretraining run's, before its context stages and anneal)"),
+                weight: float = typer.Option(0.3, help="share of the anneal drawn from the dataset (Llama 3: 0.3)"),
+                tokens: int = typer.Option(0, help="tokens of each anneal (0: the preset's anneal budget)"),
+                data: Optional[Path] = typer.Option(None, help="token shards (default: the latest tokenized)")) -> None:
+    """Judge a small dataset as Llama 3 did: anneal a model with WEIGHT of the anneal on DATASET and again without
+    it, then print the benchmark differences with 95% intervals."""
+    from stages.errors import HerdError
+    from stages.presets import get_preset
+    from stages.schedule import AnnealTestConfig
+
+    try:
+        pipe = get_preset(preset)
+        budget = tokens or pipe.pretraining.anneal.tokens or 40_000
+        test = AnnealTestConfig(weight=weight, anneal=pipe.pretraining.anneal.derive(tokens=budget))
+    except (HerdError, ValueError) as exc:
+        _fail(exc)
+    if not dataset.is_file():
+        _fail(f"--dataset {dataset}: no such file")
+    _setup()
+    from flows.pretraining import anneal_test_flow
+
+    res = _run(3, "anneal-test", lambda: anneal_test_flow(str(dataset.resolve()), pipe.pretraining, test,
+                                                           pipe.benchmarks, str(model.resolve()) if model else None,
+                                                           str(data) if data else None))
+    typer.echo(json.dumps({k: res[k] for k in ("dataset_docs", "dataset_tokens", "share", "heldout_loss", "deltas",
+                                               "with", "without")}, indent=2))
 
 
 @pref_app.command("ingest")
@@ -624,7 +657,8 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
         from stages.scaling import plan_sweep
 
         p = cfg.pretraining
-        n_scaling = (len(plan_sweep(p.sweep)) + 1) if p.size == "auto" else 0
+        # the sweep's runs and fit, and the two-step prediction's points and check
+        n_scaling = (len(plan_sweep(p.sweep)) + 1 + 2 * bool(p.downstream.tasks)) if p.size == "auto" else 0
         n_align = 2 + cfg.preferences.batches * (2 + 1 + 2)  # sft; per batch: collect, annotate, ingest, 2 RMs
         n_align += sum(_round_steps(cfg.alignment, n) for n in range(1, cfg.alignment.rounds + 1))
         n_align += 2 + 1  # benchmarks of the base and SFT models, the report card

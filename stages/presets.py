@@ -17,6 +17,7 @@ from stages.common import StageConfig
 from stages.curation.pipeline import CurationConfig
 from stages.data.fetch import FetchConfig, smoke_fetch, tiny_fetch
 from stages.distributed import check_train_processes
+from stages.downstream import DownstreamFitConfig
 from stages.errors import ConfigError
 from stages.mix import MixConfig
 from stages.pretrain import PretrainConfig
@@ -61,6 +62,9 @@ class PretrainingConfig(StageConfig):
     anneal: AnnealConfig = Field(default_factory=AnnealConfig, description="the anneal after the context stages: "
                                  "linear decay to 0 on upsampled high-quality sources, checkpoint averaging "
                                  "(tokens 0: none)")
+    downstream: DownstreamFitConfig = Field(default_factory=DownstreamFitConfig, description="Llama 3's two-step "
+                                            "prediction of the main run's benchmarks from the sweep (tasks empty: "
+                                            "none); the sweep's models are scored on these tasks")
     stage_probe: ProbeConfig = Field(default_factory=ProbeConfig, description="what each context stage is measured "
                                      "on: position-bucketed loss, short-context loss against the main run, passkey")
 
@@ -225,8 +229,8 @@ def _tiny_pretraining() -> PretrainingConfig:
         train=sweep_train.derive(log_every=50, eval_tokens=65_536, num_threads=2, downstream_every=250,
                                  downstream_items=100),
         # Llama 3's schedule in miniature: 128 -> 256 -> 512 tokens of context, then the anneal with averaging
-        context_stages=[ContextStageConfig(seq_len=256, tokens=60_000), ContextStageConfig(seq_len=512, tokens=60_000)],
-        anneal=AnnealConfig(tokens=40_000, average_last=4),
+        context_stages=[ContextStageConfig(seq_len=256, tokens=40_000), ContextStageConfig(seq_len=512, tokens=40_000)],
+        anneal=AnnealConfig(tokens=30_000, average_last=4),
         stage_probe=ProbeConfig(main_seq_len=128, eval_tokens=32_768, passkey_trials=20),
     )
 
@@ -246,6 +250,7 @@ def _smoke_pretraining() -> PretrainingConfig:
         context_stages=[ContextStageConfig(seq_len=128, tokens=2048)],
         anneal=AnnealConfig(tokens=2048, average_last=2),
         stage_probe=ProbeConfig(main_seq_len=64, bucket=32, eval_tokens=4096, passkey_trials=4),
+        downstream=DownstreamFitConfig(items=16, n_boot=20),
     )
 
 

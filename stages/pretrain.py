@@ -304,11 +304,9 @@ class DataOrder:
         return out
 
 
-def window_weights(split: TokenSplit, seq_len: int, source_weights: dict[str, float],
-                   long_doc_weight: float) -> np.ndarray:
-    """Draw weight of each packed window ``j`` (tokens ``j*seq_len .. j*seq_len+seq_len``): the source weight of
-    the document holding most of the window's tokens, times ``long_doc_weight`` when that document fills at
-    least half of the window (a document long enough to teach the new context length)."""
+def main_documents(split: TokenSplit, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each packed window ``j`` (tokens ``j*seq_len .. j*seq_len+seq_len``): the document holding most of its
+    tokens (the earlier one on a tie) and how many tokens of the window it holds."""
     n = split.n_windows(seq_len)
     lo = np.arange(n, dtype=np.int64) * seq_len
     hi = lo + seq_len  # exclusive
@@ -317,7 +315,7 @@ def window_weights(split: TokenSplit, seq_len: int, source_weights: dict[str, fl
     last = np.searchsorted(off, hi - 1, side="right") - 1
     piece_first = np.minimum(off[first + 1], hi) - lo
     piece_last = hi - np.maximum(off[last], lo)
-    best_len, best_doc = piece_first.copy(), first.copy()  # ties go to the earlier document
+    best_len, best_doc = piece_first.copy(), first.copy()
     lengths = np.diff(off)
     middle = np.flatnonzero(last - first >= 2)  # whole documents strictly inside a window
     for w in middle:  # rare at long lengths: documents shorter than a window
@@ -327,7 +325,16 @@ def window_weights(split: TokenSplit, seq_len: int, source_weights: dict[str, fl
             best_len[w], best_doc[w] = lengths[k], k
     take = (last != first) & (piece_last > best_len)
     best_len[take], best_doc[take] = piece_last[take], last[take]
-    weights = np.ones(n, dtype=np.float64)
+    return best_doc, best_len
+
+
+def window_weights(split: TokenSplit, seq_len: int, source_weights: dict[str, float],
+                   long_doc_weight: float) -> np.ndarray:
+    """Draw weight of each packed window: the source weight of the document holding most of the window's tokens,
+    times ``long_doc_weight`` when that document fills at least half of the window (a document long enough to
+    teach the new context length)."""
+    best_doc, best_len = main_documents(split, seq_len)
+    weights = np.ones(len(best_doc), dtype=np.float64)
     if source_weights:
         by_source = np.array([source_weights.get(str(s), 1.0) for s in split.sources], dtype=np.float64)
         weights *= by_source[best_doc]

@@ -24,7 +24,8 @@ left out of the IsoFLOP power law and why, failed fits and bootstrap replicates)
 
     {"isoflop": {"a", "b", "budgets": [{"C", "N_opt", "D_opt", "loss_min", "coeffs"}, ...]},
      "parametric": {"E", "A", "B", "alpha", "beta", "a", "b"},
-     "ci": {...}, "recommendation": {"C", "N", "D"}}
+     "ci": {...}, "recommendation": {"C", "N", "D"},
+     "downstream": {...}}   # only with the sweep's benchmark points (stages.downstream: Llama 3's two-step method)
 """
 
 from __future__ import annotations
@@ -684,8 +685,12 @@ def plot_isoflop(runs: Sequence[Sequence[float]], iso: IsoflopFit | None, path: 
     os.replace(tmp, path)
 
 
-def fit_scaling(cfg: FitConfig, runs_csv: Path, out_dir: Path, target_budget: float) -> dict[str, Any]:
+def fit_scaling(cfg: FitConfig, runs_csv: Path, out_dir: Path, target_budget: float,
+                downstream_points: Path | None = None) -> dict[str, Any]:
     """Fit both laws to the runs in ``runs_csv``; write ``out_dir/fit.json`` and ``out_dir/isoflop.png``.
+    With ``downstream_points`` (the sweep models' benchmark ``bpb`` and accuracy, ``downstream.json``) also
+    Llama 3's two-step prediction of the benchmarks at ``target_budget``: ``fit.json``'s ``downstream`` key and
+    ``downstream.png``.
 
     Returns the ``fit.json`` content (shape in the module docstring). A failed fit leaves its numbers as
     ``null`` (parametric) or raises when both fail (nothing to recommend).
@@ -721,6 +726,18 @@ def fit_scaling(cfg: FitConfig, runs_csv: Path, out_dir: Path, target_budget: fl
     write_json_atomic(out_dir / "diagnostics.json", {"isoflop_skipped": iso.skipped if iso else [],
                                                       "isoflop_failed": iso is None, "parametric_failed": par is None,
                                                       "bootstrap_failed": ci["failed"], "runs": len(runs)})
+    if downstream_points is not None and Path(downstream_points).is_file():
+        import json
+
+        from stages.downstream import DownstreamFitConfig, plot_two_step, two_step_fit
+
+        d = json.loads(Path(downstream_points).read_text())
+        dcfg = DownstreamFitConfig.model_validate(d["config"])
+        result["downstream"] = {**two_step_fit(d["points"], d["anchors"], d["chance"], target_budget, dcfg),
+                                "anchors": sorted({a["label"] for a in d["anchors"]}),
+                                "anchors_missing": d.get("anchors_missing", []), "config": d["config"],
+                                "points_file": str(downstream_points)}
+        plot_two_step(result["downstream"], d["points"], d["anchors"], out_dir / "downstream.png")
     write_json_atomic(out_dir / "fit.json", result)
     log.info("scaling fit: parametric a=%s b=%s, isoflop a=%s; recommend N=%.3g D=%.3g for C=%.3g",
              result["parametric"]["a"], result["parametric"]["b"], result["isoflop"]["a"], rec["N"], rec["D"], rec["C"])

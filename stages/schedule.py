@@ -23,6 +23,7 @@ It writes ``out_dir/train`` (the pretraining run: ``model/``, and with averaging
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -32,9 +33,10 @@ import torch
 from pydantic import BaseModel, Field
 
 from stages.common import NULL_SINK, MetricsSink, StageConfig, read_manifest, write_json_atomic
-from stages.errors import ConfigError
+from stages.errors import ConfigError, DataValidationError
 from stages.model import ModelConfig, load_causal_lm, packed_inputs
-from stages.pretrain import IGNORE_INDEX, PretrainConfig, PretrainResult, TokenSplit, pretrain, token_losses
+from stages.pretrain import IGNORE_INDEX, PretrainConfig, PretrainResult, TokenSplit, pretrain, token_losses, \
+    window_weights
 
 log = logging.getLogger(__name__)
 
@@ -358,3 +360,117 @@ def stage_configs(main: PretrainConfig, stages: list[ContextStageConfig], anneal
         out.append(ContinueConfig(name="anneal", train=anneal_train_config(main, anneal, seq_len), probe=probe,
                                   positions=False))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- anneal test
+
+
+NEW_SOURCE = "anneal-test"
+
+
+class AnnealTestConfig(StageConfig):
+    """Llama 3's way of judging a small new dataset: anneal a partly trained model with a share of the anneal on
+    the dataset and compare its benchmarks with an anneal without it."""
+
+    weight: float = Field(0.3, gt=0, lt=1, description="share of the anneal's windows drawn from the new dataset "
+                          "(Llama 3: 30%)")
+    anneal: AnnealConfig = Field(default_factory=lambda: AnnealConfig(tokens=40_000),
+                                 description="the anneal both runs share (tokens, learning rate, source weights, "
+                                 "averaging)")
+    max_docs: int = Field(100_000, ge=1, description="documents read from the dataset at most")
+
+
+class AnnealTestResult(BaseModel):
+    with_dataset: ContinueResult
+    without_dataset: ContinueResult
+    dataset_docs: int
+    dataset_tokens: int
+    share: float  # expected share of the with-run's windows from the dataset (by the draw weights)
+    split: str  # the combined training split
+
+
+def mix_in_dataset(base_split: str | Path, dataset: str | Path, tokenizer_dir: str | Path, out_dir: str | Path,
+                   max_docs: int) -> dict:
+    """``base_split`` plus the documents of ``dataset`` (JSONL(.gz) records with a string ``text``), tokenised as
+    the base split was (its manifest's BOS/EOS), as one split whose new documents have source ``anneal-test``.
+    A bad record is a ``DataValidationError`` naming the file, line and field."""
+    from stages.common import atomic_dir, iter_jsonl
+    from stages.tokenizer import load_tokenizer
+
+    base_split, dataset, out_dir = Path(base_split), Path(dataset), Path(out_dir)
+    if not dataset.is_file():
+        raise DataValidationError("no such file (give a JSONL or JSONL.gz file of records with a 'text' field)",
+                                  file=str(dataset))
+    done = read_manifest(out_dir)
+    if done is not None:
+        return done
+    parent = read_manifest(base_split.parent) or {}
+    base = TokenSplit(base_split)
+    tok = load_tokenizer(Path(tokenizer_dir))
+    eos = parent.get("eos_id", tok.token_to_id("<|end_of_text|>"))
+    prefix = [parent["bos_id"]] if (parent.get("config") or {}).get("add_bos") and parent.get("bos_id") is not None \
+        else []
+    docs: list[list[int]] = []
+    for n, rec in iter_jsonl(dataset):
+        if len(docs) >= max_docs:
+            break
+        text = rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise DataValidationError("record has no string text", file=str(dataset), line=n, field="text")
+        if text:
+            docs.append(prefix + tok.encode(text).ids + [eos])
+    if not docs:
+        raise DataValidationError("no documents with text", file=str(dataset), field="text")
+    dtype = base.tokens.dtype
+    with atomic_dir(out_dir) as tmp:
+        new = np.concatenate([np.asarray(d, dtype=dtype) for d in docs])
+        with open(tmp / "tokens.bin", "wb") as fh:
+            fh.write(np.asarray(base.tokens).tobytes())
+            fh.write(new.tobytes())
+        lengths = np.array([len(d) for d in docs], dtype=np.int64)
+        offsets = np.concatenate([base.offsets, base.offsets[-1] + np.cumsum(lengths)])
+        np.save(tmp / "doc_offsets.npy", offsets)
+        names = sorted(set(base.sources.tolist())) + [NEW_SOURCE]
+        index = {s: i for i, s in enumerate(names)}
+        np.save(tmp / "doc_sources.npy", np.array([index[s] for s in base.sources.tolist()]
+                                                  + [index[NEW_SOURCE]] * len(docs), dtype=np.int32))
+        (tmp / "sources.json").write_text(json.dumps(names))
+        info = {"docs": int(len(offsets) - 1), "tokens": int(offsets[-1]), "dtype": np.dtype(dtype).name,
+                "vocab_size": base.vocab_size, "dataset": str(dataset), "dataset_docs": len(docs),
+                "dataset_tokens": int(lengths.sum()), "base_split": str(base_split)}
+        (tmp / "shard.json").write_text(json.dumps(info))
+        write_json_atomic(tmp / "manifest.json", info)
+    return info
+
+
+def anneal_test(cfg: AnnealTestConfig, main: PretrainConfig, probe: ProbeConfig, model_dir: str | Path,
+                base_split: str | Path, heldout_dir: str | Path | None, dataset: str | Path,
+                tokenizer_dir: str | Path, out_dir: str | Path, *, sink: MetricsSink = NULL_SINK) -> AnnealTestResult:
+    """Anneal ``model_dir`` twice on the same budget and seed: on the base split with ``cfg.weight`` of the
+    windows drawn from ``dataset``, and on the base split alone. Writes ``out_dir/{tokens,with,without}``."""
+    from stages.pretrain import main_documents
+
+    out_dir = Path(out_dir)
+    info = mix_in_dataset(base_split, dataset, tokenizer_dir, out_dir / "tokens", cfg.max_docs)
+    combined = TokenSplit(out_dir / "tokens")
+    seq_len = main.seq_len
+    # the dataset's draw weight, so that its windows make cfg.weight of the (weighted) draws
+    doc, _ = main_documents(combined, seq_len)
+    is_new = combined.sources[doc] == NEW_SOURCE
+    if not is_new.any():
+        raise DataValidationError(f"the dataset's {info['dataset_tokens']} tokens fill no window of {seq_len} "
+                                  "tokens: give more text", file=str(dataset))
+    old = window_weights(combined, seq_len, dict(cfg.anneal.source_weights), 1.0)[~is_new].sum()
+    w_new = cfg.weight / (1 - cfg.weight) * old / is_new.sum()
+    base_cfg = anneal_train_config(main, cfg.anneal, seq_len)
+    with_cfg = ContinueConfig(name="anneal-with", train=base_cfg.derive(
+        source_weights={**cfg.anneal.source_weights, NEW_SOURCE: float(w_new)}), probe=probe, positions=False)
+    without_cfg = ContinueConfig(name="anneal-without", train=base_cfg, probe=probe, positions=False)
+    with_res = continue_pretraining(with_cfg, model_dir, out_dir / "tokens", heldout_dir, out_dir / "with",
+                                    main_model_dir=model_dir, sink=sink)
+    without_res = continue_pretraining(without_cfg, model_dir, base_split, heldout_dir, out_dir / "without",
+                                       main_model_dir=model_dir, sink=sink)
+    w = window_weights(combined, seq_len, with_cfg.train.source_weights, 1.0)
+    return AnnealTestResult(with_dataset=with_res, without_dataset=without_res, dataset_docs=info["dataset_docs"],
+                            dataset_tokens=info["dataset_tokens"], share=float(w[is_new].sum() / w.sum()),
+                            split=str(out_dir / "tokens"))

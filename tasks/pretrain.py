@@ -13,7 +13,8 @@ from prefect import task
 from stages.common import config_hash, file_sha256, store_key, tree_sha256
 from stages.model import ModelConfig, num_params, scaling_params
 from stages.pretrain import PretrainConfig, TokenSplit, pretrain
-from stages.schedule import ContinueConfig, continue_pretraining
+from stages.evaluation.report import compare_benchmarks
+from stages.schedule import AnnealTestConfig, ContinueConfig, ProbeConfig, anneal_test, continue_pretraining
 from stages.scaling import SweepConfig
 from tasks.torchrun_stage import run_torchrun
 from tasks.tracking import MlflowSink, log_dataset, markdown_table, publish_markdown, register_folder, run_url, \
@@ -179,3 +180,40 @@ def continue_task(cfg: ContinueConfig, init_model_dir: str, main_model_dir: str,
             "heldout_loss": t.heldout_loss, "heldout_loss_last": t.heldout_loss_last, "averaged": t.averaged,
             "position_loss": res.position_loss, "short_loss": res.short_loss, "main_short_loss": res.main_short_loss,
             "short_loss_last": res.short_loss_last, "passed": res.passed, "passkey": res.passkey, "registered": {"name": REGISTERED, "version": version}}
+
+
+@task(task_run_name="anneal-test")
+def anneal_test_task(cfg: AnnealTestConfig, main: PretrainConfig, probe: ProbeConfig, model_dir: str, data: dict,
+                     dataset: str, tokenizer_dir: str, store: str, parent_run_id: str | None) -> dict:
+    """Two anneals of ``model_dir``, with and without ``dataset`` (Llama 3's data ablation), recorded in MLflow."""
+    out = Path(store) / "anneal_test" / config_hash("anneal-test", cfg, main, probe, model_dir, file_sha256(dataset),
+                                                    store_key(data["train"], store))
+    with stage_run("pretrain/anneal-test", cfg, parent_run_id) as rid:
+        with MlflowSink(rid) as sink:
+            res = anneal_test(cfg, main, probe, model_dir, data["train"], data["heldout"], dataset, tokenizer_dir,
+                              out, sink=sink)
+        log_dataset("dataset", dataset, file_sha256(dataset), "input")
+        log_dataset("model-in", model_dir, tree_sha256(model_dir, "*.safetensors"), "input")
+        for label, r in (("with", res.with_dataset), ("without", res.without_dataset)):
+            log_dataset(f"model-{label}", r.model_dir, tree_sha256(r.model_dir, "*.safetensors"), "output")
+            mlflow.log_metrics({f"{label}_heldout_loss": float(r.train.heldout_loss or float("nan")),
+                                f"{label}_short_loss": float(r.short_loss or float("nan"))})
+        mlflow.log_metrics({"dataset_tokens": float(res.dataset_tokens), "dataset_share": res.share})
+    return {"with": res.with_dataset.model_dir, "without": res.without_dataset.model_dir,
+            "dataset_docs": res.dataset_docs, "dataset_tokens": res.dataset_tokens, "share": res.share,
+            "heldout_loss": {"with": res.with_dataset.short_loss, "without": res.without_dataset.short_loss},
+            "run_id": rid}
+
+
+@task(task_run_name="anneal-test-compare")
+def anneal_compare_task(with_tasks: dict, without_tasks: dict, dataset: str, res: dict) -> dict:
+    """The benchmarks of the anneal with the dataset minus those without it, with 95% intervals, as an artifact."""
+    deltas = compare_benchmarks(with_tasks, without_tasks)
+    rows = [{"benchmark": t, **{k: (f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" if k == "bpb" else
+                                    f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]") for k, v in d.items()}}
+            for t, d in deltas.items()]
+    publish_markdown("anneal-test", f"# Anneal test of {dataset}\n\n{res['dataset_docs']} documents, "
+                     f"{res['dataset_tokens']} tokens, {100 * res['share']:.0f}% of the anneal's windows. Benchmarks "
+                     f"of the anneal with the dataset minus without it (points of the headline metric; bpb: lower is "
+                     f"better; 95% intervals):\n\n{markdown_table(rows)}\n", "anneal test")
+    return deltas

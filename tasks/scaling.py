@@ -13,7 +13,8 @@ from pathlib import Path
 import mlflow
 from prefect import task
 
-from stages.common import config_hash, file_sha256, store_key
+from stages.common import config_hash, file_sha256, store_key, tree_sha256
+from stages.downstream import DownstreamFitConfig, plot_two_step, score_models
 from stages.scaling import FitConfig, fit_scaling
 from tasks.tracking import log_dataset, markdown_table, publish_markdown, run_url, stage_run
 
@@ -105,13 +106,14 @@ def sweep_run_task(run: dict, train: dict, shape: dict, data: dict, store: str, 
                            **res.get("shape", {})})
         mlflow.log_metrics({"loss": res["loss"], "tokens": float(res["tokens"]), "seconds": float(res["seconds"])})
         log_dataset("tokens-train", data["train"], data.get("digest", ""), "input")
-    return {"N": res["N"], "D": res["tokens"], "C": run["C"], "loss": res["loss"]}
+    return {"N": res["N"], "D": res["tokens"], "C": run["C"], "loss": res["loss"], "model_dir": str(out / "train" / "model")}
 
 
 @task(task_run_name="scaling-fit")
 def fit_task(cfg: FitConfig, runs_csv: str, output: str, target_budget: float, parent_run_id: str | None) -> dict:
     with stage_run("scaling/fit", cfg, parent_run_id) as rid:
-        fit = fit_scaling(cfg, Path(runs_csv), Path(output), target_budget)
+        points = Path(runs_csv).parent / "downstream.json"  # the sweep models' benchmark numbers, where scored
+        fit = fit_scaling(cfg, Path(runs_csv), Path(output), target_budget, points if points.is_file() else None)
         par, iso = fit["parametric"], fit["isoflop"]
         mlflow.log_metrics({f"parametric_{k}": float(v) for k, v in par.items() if isinstance(v, (int, float))}
                            | {f"isoflop_{k}": float(iso[k]) for k in ("a", "b") if iso.get(k) is not None}
@@ -129,3 +131,76 @@ def fit_task(cfg: FitConfig, runs_csv: str, output: str, target_budget: float, p
                      f"parameters, D={rec['D']:.3g} tokens.\n\nFigure `isoflop.png` in MLflow run: {run_url(rid)}\n",
                      "scaling-law fit and recommendation")
     return fit
+
+
+def _anchor_dirs(cfg: DownstreamFitConfig) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """The anchor models that are on this machine (relative folders from $HERD_HOME), and those that are not."""
+    from herd.settings import load_settings
+
+    home = load_settings().home
+    found, missing = [], []
+    for a in cfg.anchors:
+        d = Path(a) if Path(a).is_absolute() else home / a
+        if any(d.glob("*.safetensors")) and (d / "tokenizer_config.json").is_file():
+            found.append((d.name, str(d), str(d)))
+        else:
+            missing.append(a)
+    return found, missing
+
+
+@task(task_run_name="downstream-points")
+def downstream_points_task(rows: list[dict], cfg: DownstreamFitConfig, tokenizer_dir: str, out_dir: str, cache: str,
+                           parent_run_id: str | None) -> dict:
+    """Benchmark bpb and accuracy of every sweep model and of the anchors: step 2's points of the two-step
+    prediction, written to ``downstream.json`` beside ``runs.csv``."""
+    from stages.common import write_json_atomic
+
+    path = Path(out_dir) / "downstream.json"
+    anchors, missing = _anchor_dirs(cfg)
+    want = {"config": cfg.model_dump(mode="json"), "models": sorted(r["model_dir"] for r in rows),
+            "anchor_dirs": [a[1] for a in anchors]}
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if {k: have.get(k) for k in want} == want:
+            return have
+    with stage_run("scaling/downstream", cfg, parent_run_id) as rid:
+        scored, chance = score_models([(r["model_dir"], r["model_dir"], tokenizer_dir) for r in rows], cfg, cache)
+        by_dir = {r["model_dir"]: r for r in rows}
+        points = [{"C": by_dir[p["label"]]["C"], "N": by_dir[p["label"]]["N"], "loss": by_dir[p["label"]]["loss"],
+                   **{k: p[k] for k in ("task", "bpb", "acc")}} for p in scored]
+        anchor_pts, _ = score_models(anchors, cfg, cache) if anchors else ([], chance)
+        doc = {**want, "points": points, "anchors": anchor_pts, "chance": chance, "anchors_missing": missing}
+        write_json_atomic(path, doc)
+        mlflow.log_metrics({f"anchor_{a['label']}_{a['task']}_{m}": float(a[m]) for a in anchor_pts
+                            for m in ("bpb", "acc")})
+        mlflow.log_artifact(str(path))
+    return doc
+
+
+@task(task_run_name="downstream-check")
+def downstream_check_task(fit_path: str, model_dir: str, tokenizer_dir: str, compute: float, cache: str,
+                          parent_run_id: str | None) -> dict:
+    """The main run's benchmark bpb and accuracy against what the two-step fit predicted for it before it
+    trained (the same items): recorded in ``fit.json`` (``downstream.measured``), ``downstream.png`` and an
+    MLflow run. Returns ``{task: {"predicted": {"bpb": [v, lo, hi], "acc": [...]}, "measured": {"bpb", "acc"}}}``."""
+    from stages.common import write_json_atomic
+
+    fit = json.loads(Path(fit_path).read_text())
+    down = fit["downstream"]
+    cfg = DownstreamFitConfig.model_validate(down["config"])
+    with stage_run("scaling/downstream-check", cfg, parent_run_id) as rid:
+        scored, _ = score_models([("main", model_dir, tokenizer_dir)], cfg, cache)
+        measured = {p["task"]: {"bpb": p["bpb"], "acc": p["acc"]} for p in scored}
+        down["measured"] = {"C": float(compute), "model_dir": model_dir, "tasks": measured}
+        write_json_atomic(Path(fit_path), fit)
+        d = json.loads(Path(down["points_file"]).read_text())
+        plot_two_step(down, d["points"], d["anchors"], Path(fit_path).parent / "downstream.png", measured)
+        metrics = {}
+        for task, m in measured.items():
+            pred = down["tasks"][task]["prediction"]
+            metrics |= {f"{task}_bpb_measured": m["bpb"], f"{task}_bpb_predicted": pred["bpb"][0],
+                        f"{task}_acc_measured": m["acc"], f"{task}_acc_predicted": pred["acc"][0]}
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(Path(fit_path).parent / "downstream.png"))
+        log_dataset("model", model_dir, tree_sha256(model_dir, "*.safetensors"), "input")
+    return {task: {"predicted": down["tasks"][task]["prediction"], "measured": m} for task, m in measured.items()}

@@ -213,3 +213,9 @@ def test_herd_errors_are_one_line_with_exit_2(env, tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     errors = [x for x in res.stderr.splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and "missing" in errors[0] and res.stderr.rstrip().endswith(errors[0]), res.stderr[-2000:]
+
+
+def test_an_anneal_test_of_a_missing_dataset_is_one_line(env, tmp_path: Path) -> None:
+    res = _run(env, "anneal-test", "--dataset", str(tmp_path / "nope.jsonl"), timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [f"error: --dataset {tmp_path / 'nope.jsonl'}: no such file"]

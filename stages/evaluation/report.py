@@ -23,6 +23,28 @@ def headline(metrics: dict[str, float]) -> tuple[str, float] | None:
     return None
 
 
+def compare_benchmarks(treated: dict[str, Any], control: dict[str, Any], z: float = 1.96) -> dict[str, dict]:
+    """Per task, ``treated - control`` of the headline metric and of bpb, each ``[delta, low, high]`` (a normal
+    interval from the two runs' bootstrap stderrs, ``z`` 1.96: 95%), for the tasks both were scored on."""
+    out: dict[str, dict] = {}
+    for task, t in treated.items():
+        c = control.get(task)
+        if not c:
+            continue
+        row: dict[str, Any] = {}
+        h, hc = headline(t["metrics"]), headline(c["metrics"])
+        for key, a, b in ((h[0] if h else None, h[1] if h else None, hc[1] if hc else None),
+                          ("bpb", t["metrics"].get("bpb"), c["metrics"].get("bpb"))):
+            if key is None or a is None or b is None or (h and hc and key != "bpb" and h[0] != hc[0]):
+                continue
+            se = ((t.get("stderr") or {}).get(key, 0.0) ** 2 + (c.get("stderr") or {}).get(key, 0.0) ** 2) ** 0.5
+            d = a - b
+            row[key] = [d, d - z * se, d + z * se]
+        if row:
+            out[task] = row
+    return out
+
+
 def core_score(tasks: dict[str, Any]) -> float | None:
     """Mean ``centered_acc`` over the tasks that have one (DCLM's CORE aggregate)."""
     vals = [t["metrics"]["centered_acc"] for t in tasks.values() if "centered_acc" in t["metrics"]]
@@ -30,12 +52,14 @@ def core_score(tasks: dict[str, Any]) -> float | None:
 
 
 def build_report(stages: Sequence[dict[str, Any]], *, run_id: str | None = None, git: dict | None = None,
-                 preset: str | None = None, contamination: dict | None = None, wall_s: float | None = None
-                 ) -> dict[str, Any]:
+                 preset: str | None = None, contamination: dict | None = None, wall_s: float | None = None,
+                 downstream: dict | None = None) -> dict[str, Any]:
     """``report.json``: the stages as given (each ``{"stage", "model_dir", "params", "tokens", "wall_s",
     "heldout_loss", "benchmarks": {task: {"n", "shots", "metrics", "stderr"}}, "judge_win_vs_sft",
     "violation_rate", "false_refusal_rate"}``, the alignment numbers as ``[value, ci_low, ci_high]``), plus
-    ``core`` per stage and the alignment tax (benchmark deltas against the SFT stage)."""
+    ``core`` per stage and the alignment tax (benchmark deltas against the SFT stage). ``downstream``: the
+    two-step prediction of the main run's benchmarks against what it measured, ``{task: {"predicted": {"bpb":
+    [v, lo, hi], "acc": [...]}, "measured": {"bpb", "acc"}}}``."""
     rows = []
     for st in stages:
         row = dict(st)
@@ -59,7 +83,7 @@ def build_report(stages: Sequence[dict[str, Any]], *, run_id: str | None = None,
                 deltas["core"] = r["core"] - sft["core"]
             tax[r["stage"]] = deltas
     return {"run_id": run_id, "preset": preset, "git": git or {}, "wall_s": wall_s, "stages": rows,
-            "alignment_tax": tax, "contamination": contamination or {}}
+            "alignment_tax": tax, "contamination": contamination or {}, "downstream": downstream or {}}
 
 
 def _pct(v: float | None) -> str:
@@ -138,6 +162,24 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {st} | " + " | ".join(f"{100 * d[k]:+.1f}" if k in d else "-" for k in show) + " |")
         lines.append("")
         lines.append("Points of the headline metric (and of CORE); negative is a tax.")
+    down = report.get("downstream") or {}
+    if down:
+        lines += ["", "## Downstream prediction (Llama 3's two-step method)", ""]
+        lines.append("| benchmark | predicted bpb | measured bpb | predicted acc_norm | measured acc_norm |")
+        lines.append("|---|---|---|---|---|")
+
+        def iv(v: Sequence[float], pct: bool) -> str:
+            f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
+            return f(v[0]) + (f" [{f(v[1])}, {f(v[2])}]" if v[1] == v[1] else "")
+
+        for task, d in down.items():
+            p, m = d["predicted"], d["measured"]
+            lines.append(f"| {task} | {iv(p['bpb'], False)} | {m['bpb']:.3f} | {iv(p['acc'], True)} | "
+                         f"{100 * m['acc']:.1f} |")
+        lines.append("")
+        lines.append("Predicted before the main run from the IsoFLOP sweep's models (bpb of the gold answer against "
+                     "compute, then a sigmoid from bpb to accuracy anchored by stronger models; 90% intervals), "
+                     "measured on the same items after it.")
     cont = report.get("contamination") or {}
     if cont:
         lines += ["", "## Decontamination of the training corpus", ""]

@@ -128,3 +128,56 @@ def test_the_schedule_after_the_main_run_is_registered_stage_by_stage(chain) -> 
     assert "positions.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
     arun = _runs("pretrain/anneal")[-1]
     assert {"heldout_loss", "heldout_loss_last", "short_loss_last"} <= set(arun.data.metrics)
+
+
+def test_the_sweep_predicts_the_main_run_s_benchmarks_and_the_run_checks_them(chain) -> None:
+    """Llama 3's two-step method: every sweep model scored on the benchmarks, fit.json's `downstream` key (the
+    contract's other keys unchanged) predicting bpb and accuracy for the budget with intervals, and the main
+    run measured on the same items afterwards."""
+    p = chain["cfg"].pretraining
+    points = json.loads((Path(chain["sweep"]["runs_csv"]).parent / "downstream.json").read_text())
+    assert len(points["points"]) == 9 * len(p.downstream.tasks) and points["anchors_missing"] == list(
+        p.downstream.anchors)  # no SmolLM2 imported in this home: listed, not scored
+    assert all(0 < pt["bpb"] < 50 and 0 <= pt["acc"] <= 1 for pt in points["points"])
+    fit = json.loads((chain["out"] / "fit" / "fit.json").read_text())
+    assert set(fit) == {"isoflop", "parametric", "ci", "recommendation", "downstream"}
+    down = fit["downstream"]
+    assert set(down["tasks"]) == set(p.downstream.tasks) and down["target_C"] == p.budget
+    for task, t in down["tasks"].items():
+        v, lo, hi = t["prediction"]["bpb"]
+        assert v > 0 and len(t["optimal"]) == 3 and t["step1"]["alpha"] == t["step1"]["alpha"]
+        assert 0 <= t["prediction"]["acc"][0] <= 1
+    measured = chain["model"]["downstream"]
+    assert set(measured) == set(p.downstream.tasks)
+    assert down["measured"]["model_dir"] == chain["model"]["main_model_dir"]
+    assert {t: m["bpb"] for t, m in down["measured"]["tasks"].items()} == {t: m["measured"]["bpb"]
+                                                                            for t, m in measured.items()}
+    assert (chain["out"] / "fit" / "downstream.png").stat().st_size > 10_000
+    run = _runs("scaling/downstream-check")[-1]
+    assert {f"{t}_bpb_predicted" for t in p.downstream.tasks} <= set(run.data.metrics)
+
+
+def test_an_anneal_test_compares_anneals_with_and_without_a_dataset(chain, tmp_path) -> None:
+    """`herd anneal-test`'s flow on the chain's main model: both anneals from it, benchmarked, the differences with
+    intervals; an MLflow run with the dataset as an input."""
+    from flows.pretraining import anneal_test_flow
+    from stages.schedule import AnnealConfig, AnnealTestConfig
+
+    data = tmp_path / "faq.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Question {i}: why do llamas hum? Answer: llamas hum to keep in "
+                                                f"touch with the herd, and they hum more when they are worried."})
+                            + "\n" for i in range(40)))
+    cfg = chain["cfg"]
+    test = AnnealTestConfig(anneal=AnnealConfig(tokens=2048, average_last=2))
+    res = anneal_test_flow(str(data), cfg.pretraining, test, cfg.benchmarks)
+    assert res["dataset_docs"] == 40 and 0.25 < res["share"] < 0.35
+    assert set(res["deltas"]) == set(res["benchmarks"]["with"]) and res["deltas"]
+    for task, d in res["deltas"].items():
+        key = next(k for k in d if k != "bpb")
+        v, lo, hi = d[key]
+        assert lo <= v <= hi
+        w, wo = res["benchmarks"]["with"][task]["metrics"], res["benchmarks"]["without"][task]["metrics"]
+        assert v == pytest.approx(w[key] - wo[key])
+    run = _runs("pretrain/anneal-test")[-1]
+    assert {"with_heldout_loss", "without_heldout_loss", "dataset_share"} <= set(run.data.metrics)
+    assert "dataset" in {d.dataset.name for d in run.inputs.dataset_inputs}

@@ -65,3 +65,15 @@ def test_markdown_card_has_a_row_per_stage_and_every_column():
     assert "abc123def456" in md and "dirty" in md
     assert "Alignment tax" in md and "| rlhf-v1 | -2.0 |" in md
     assert "Decontamination" in md and "| hellaswag | 2 | 1 |" in md
+
+
+def test_the_card_sets_the_downstream_prediction_beside_the_measurement():
+    down = {"hellaswag": {"predicted": {"bpb": [1.234, 1.1, 1.4], "acc": [0.27, 0.25, 0.31]},
+                          "measured": {"bpb": 1.3, "acc": 0.26}},
+            "piqa": {"predicted": {"bpb": [2.0, float("nan"), float("nan")], "acc": [0.5, 0.49, 0.52]},
+                     "measured": {"bpb": 2.1, "acc": 0.51}}}
+    md = render_markdown(build_report(STAGES, downstream=down))
+    assert "Downstream prediction" in md
+    assert "| hellaswag | 1.234 [1.100, 1.400] | 1.300 | 27.0 [25.0, 31.0] | 26.0 |" in md
+    assert "| piqa | 2.000 | 2.100 | 50.0 [49.0, 52.0] | 51.0 |" in md  # no interval from two budgets
+    assert "Downstream prediction" not in render_markdown(build_report(STAGES))

@@ -195,3 +195,49 @@ def test_passkey_accuracy_finds_a_key_a_model_can_read(smollm2):
     tok = AutoTokenizer.from_pretrained(str(smollm2), local_files_only=True)
     acc = passkey_accuracy(model, tok, 256, 6, 10, seed=0, device=torch.device("cpu"))
     assert acc >= 0.8
+
+
+def _word_tokenizer(path: Path) -> Path:
+    """A word-level tokenizer over the synthetic splits' 128 ids (w0 .. w126, <|end_of_text|> = 127)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {f"w{i}": i for i in range(127)} | {"<|end_of_text|>": 127}
+    tok = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_an_anneal_test_draws_its_share_from_the_new_dataset_and_names_bad_records(main_run, tmp_path):
+    """Llama 3's data ablation: the with-run draws 30% of its windows (by draw weight) from the dataset (documents
+    of a pattern the corpus lacks) appended to the corpus, the without-run none; both start from the same model on
+    the same budget. A record without text is a one-line error naming the file, line and field."""
+    import gzip
+
+    from stages.schedule import NEW_SOURCE, AnnealTestConfig, anneal_test, mix_in_dataset
+
+    tok = _word_tokenizer(tmp_path / "tok")
+    data = tmp_path / "new.jsonl.gz"
+    rng = np.random.default_rng(5)
+    with gzip.open(data, "wt") as fh:
+        for _ in range(12):  # step-5 sequences: the corpus has steps 1 and 3
+            start = int(rng.integers(0, 120))
+            fh.write(json.dumps({"text": " ".join(f"w{(start + 5 * i) % 127}" for i in range(70))}) + "\n")
+    cfg = AnnealTestConfig(weight=0.3, anneal=AnnealConfig(tokens=4096, average_last=2, source_weights={}))
+    res = anneal_test(cfg, MAIN, PROBE, main_run["model"], main_run["train"], main_run["heldout"], data, tok,
+                      tmp_path / "at")
+    assert res.dataset_docs == 12 and res.dataset_tokens == 12 * 71 and res.share == pytest.approx(0.3)
+    split = TokenSplit(res.split)
+    base = TokenSplit(main_run["train"])
+    assert len(split) == len(base) + res.dataset_tokens and list(split.sources[-12:]) == [NEW_SOURCE] * 12
+    assert np.array_equal(np.asarray(split.tokens[:len(base)]), np.asarray(base.tokens))
+    w, wo = res.with_dataset, res.without_dataset
+    assert w.train.tokens == wo.train.tokens and w.model_dir != wo.model_dir
+    assert w.train.final_loss != wo.train.final_loss
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "w1 w2"}\n{"body": "w3"}\n')
+    with pytest.raises(Exception, match=r"bad\.jsonl.*line 2.*'text'"):
+        mix_in_dataset(main_run["train"], bad, tok, tmp_path / "bad-tokens", 10)
