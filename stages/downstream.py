@@ -128,7 +128,8 @@ def two_step_fit(points: Sequence[dict], anchors: Sequence[dict], chance: dict[s
         target_c: the main run's compute (6 N D).
 
     Returns ``{"target_C", "tasks": {task: {"step1", "step2", "prediction": {"bpb": [v, lo, hi],
-    "acc": [v, lo, hi]}, "optimal": [...]}}}``.
+    "acc": [v, lo, hi] or None}, "optimal": [...]}}}``; accuracy is None (with an ``acc_note``) where no point
+    lies clearly above chance on these items: the sigmoid cannot be placed.
     """
     rng = np.random.default_rng(cfg.seed)
     out: dict[str, Any] = {"target_C": float(target_c), "level": cfg.level, "tasks": {}}
@@ -148,7 +149,11 @@ def two_step_fit(points: Sequence[dict], anchors: Sequence[dict], chance: dict[s
         step2 = fit_sigmoid(xs, ys, ch, cfg.ceiling)
         acc_hat = float(sigmoid_acc(bpb_hat, step2["k"], step2["b0"], ch, cfg.ceiling))
         lo = hi = float("nan")
-        if cfg.n_boot and len(xs) >= 3:
+        # the sigmoid rises from chance through points above it; with none clearly above (2 binomial standard errors
+        # of chance on these items) its midpoint and slope are anyone's guess, and so is an accuracy read off it
+        floor = 2 * math.sqrt(ch * (1 - ch) / cfg.items)
+        identified = bool(np.any(ys - ch > floor))
+        if cfg.n_boot and len(xs) >= 3 and identified:
             from scipy import stats
 
             # step 1's uncertainty: bpb drawn from its predictive t distribution (log space); step 2's: refits on
@@ -170,7 +175,10 @@ def two_step_fit(points: Sequence[dict], anchors: Sequence[dict], chance: dict[s
             "step1": {k: step1[k] for k in ("A", "alpha", "n", "resid_sd")},
             "step2": {**step2, "chance": ch, "ceiling": cfg.ceiling, "points": len(pts), "anchors": len(anc)},
             "optimal": [{k: p[k] for k in ("C", "N", "bpb", "acc")} for p in opt],
-            "prediction": {"bpb": [bpb_hat, bpb_lo, bpb_hi], "acc": [acc_hat, lo, hi]},
+            "prediction": {"bpb": [bpb_hat, bpb_lo, bpb_hi], "acc": [acc_hat, lo, hi] if identified else None},
+            **({} if identified else {"acc_note": f"no model is more than {floor:.3f} above chance ({ch:.3f}) on "
+                                                  "these items, so accuracy cannot be read off the sigmoid: add a "
+                                                  "stronger anchor (herd models import smollm2-135m)"}),
         }
     return out
 
@@ -214,8 +222,9 @@ def plot_two_step(fit: dict[str, Any], points: Sequence[dict], anchors: Sequence
         xs = np.linspace(min([p["bpb"] for p in pts] + [a["bpb"] for a in anc]) * 0.9,
                          max(p["bpb"] for p in pts) * 1.1, 100)
         ax.plot(xs, sigmoid_acc(xs, s2["k"], s2["b0"], s2["chance"], s2["ceiling"]), c="C0")
-        av, alo, ahi = t["prediction"]["acc"]
-        ax.errorbar([v], [av], yerr=[[av - alo], [ahi - av]] if math.isfinite(alo) else None, fmt="s", c="C3")
+        if t["prediction"]["acc"] is not None:
+            av, alo, ahi = t["prediction"]["acc"]
+            ax.errorbar([v], [av], yerr=[[av - alo], [ahi - av]] if math.isfinite(alo) else None, fmt="s", c="C3")
         if measured and task in measured:
             ax.scatter([measured[task]["bpb"]], [measured[task]["acc"]], marker="*", s=80, c="k")
         ax.set_xlabel("bpb of the gold answer")

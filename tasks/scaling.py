@@ -199,7 +199,9 @@ def downstream_check_task(fit_path: str, model_dir: str, tokenizer_dir: str, com
         for task, m in measured.items():
             pred = down["tasks"][task]["prediction"]
             metrics |= {f"{task}_bpb_measured": m["bpb"], f"{task}_bpb_predicted": pred["bpb"][0],
-                        f"{task}_acc_measured": m["acc"], f"{task}_acc_predicted": pred["acc"][0]}
+                        f"{task}_acc_measured": m["acc"]}
+            if pred.get("acc"):
+                metrics[f"{task}_acc_predicted"] = pred["acc"][0]
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(Path(fit_path).parent / "downstream.png"))
         log_dataset("model", model_dir, tree_sha256(model_dir, "*.safetensors"), "input")

@@ -174,8 +174,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
         for task, d in down.items():
             p, m = d["predicted"], d["measured"]
-            lines.append(f"| {task} | {iv(p['bpb'], False)} | {m['bpb']:.3f} | {iv(p['acc'], True)} | "
-                         f"{100 * m['acc']:.1f} |")
+            acc = iv(p["acc"], True) if p.get("acc") else "- (no anchor above chance)"
+            lines.append(f"| {task} | {iv(p['bpb'], False)} | {m['bpb']:.3f} | {acc} | {100 * m['acc']:.1f} |")
         lines.append("")
         lines.append("Predicted before the main run from the IsoFLOP sweep's models (bpb of the gold answer against "
                      "compute, then a sigmoid from bpb to accuracy anchored by stronger models; 90% intervals), "

@@ -146,7 +146,8 @@ def test_the_sweep_predicts_the_main_run_s_benchmarks_and_the_run_checks_them(ch
     for task, t in down["tasks"].items():
         v, lo, hi = t["prediction"]["bpb"]
         assert v > 0 and len(t["optimal"]) == 3 and t["step1"]["alpha"] == t["step1"]["alpha"]
-        assert 0 <= t["prediction"]["acc"][0] <= 1
+        acc = t["prediction"]["acc"]  # the smoke sweep's models sit at chance and no anchor is imported here
+        assert (acc is None and "anchor" in t["acc_note"]) or 0 <= acc[0] <= 1
     measured = chain["model"]["downstream"]
     assert set(measured) == set(p.downstream.tasks)
     assert down["measured"]["model_dir"] == chain["model"]["main_model_dir"]

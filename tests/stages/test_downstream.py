@@ -72,3 +72,14 @@ def test_two_step_fit_predicts_the_planted_bpb_and_accuracy_at_a_larger_budget()
     av, alo, ahi = t["prediction"]["acc"]
     assert alo <= true_acc <= ahi and av == pytest.approx(true_acc, abs=0.03)
     assert t["step2"]["anchors"] == 2 and t["step2"]["points"] == 20
+
+
+def test_without_a_point_above_chance_the_accuracy_is_not_read_off_the_sigmoid():
+    """Small models alone sit at chance (why Llama 3 anchored with Llama 2): step 1 still predicts bpb, step 2 gives
+    no accuracy and says why."""
+    points, _ = _planted()
+    rng = np.random.default_rng(4)
+    flat = [{**p, "acc": CHANCE + rng.normal(0, 0.01)} for p in points]
+    t = two_step_fit(flat, [], {"t": CHANCE}, 1e21, DownstreamFitConfig(n_boot=20))["tasks"]["t"]
+    assert t["prediction"]["acc"] is None and "anchor" in t["acc_note"]
+    assert t["prediction"]["bpb"][0] == pytest.approx(A * 1e21 ** -ALPHA, rel=0.05)

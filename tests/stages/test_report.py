@@ -77,3 +77,6 @@ def test_the_card_sets_the_downstream_prediction_beside_the_measurement():
     assert "| hellaswag | 1.234 [1.100, 1.400] | 1.300 | 27.0 [25.0, 31.0] | 26.0 |" in md
     assert "| piqa | 2.000 | 2.100 | 50.0 [49.0, 52.0] | 51.0 |" in md  # no interval from two budgets
     assert "Downstream prediction" not in render_markdown(build_report(STAGES))
+    down["piqa"]["predicted"]["acc"] = None
+    assert "| piqa | 2.000 | 2.100 | - (no anchor above chance) | 51.0 |" in render_markdown(
+        build_report(STAGES, downstream=down))
