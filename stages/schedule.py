@@ -144,49 +144,47 @@ def bucket_names(seq_len: int, bucket: int) -> list[str]:
 
 
 @torch.no_grad()
+def _window_losses(model, split: TokenSplit, seq_len: int, eval_tokens: int, micro_batch_size: int,
+                   device: torch.device):
+    """Per-token held-out losses over the first ``eval_tokens`` tokens of ``split`` packed in windows of ``seq_len``
+    with document masking: yields (losses (B, T), document positions (B, T), scored mask (B, T)) per micro-batch."""
+    n = min(split.n_windows(seq_len), max(1, eval_tokens // seq_len))
+    was_training = model.training
+    model.eval()
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    starts = np.arange(n, dtype=np.int64) * seq_len
+    try:
+        for i in range(0, n, micro_batch_size):
+            ids, labels, docs = split.windows(starts[i: i + micro_batch_size], seq_len)
+            mask, pos = packed_inputs(torch.from_numpy(docs[:, :-1]).to(device), attn_implementation=attn)
+            logits = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=mask, position_ids=pos).logits
+            tl = token_losses(logits, torch.from_numpy(labels).to(device)).cpu().numpy()
+            yield tl, pos.cpu().numpy(), labels != IGNORE_INDEX
+    finally:
+        model.train(was_training)
+
+
 def position_losses(model, split: TokenSplit, seq_len: int, bucket: int, eval_tokens: int, micro_batch_size: int,
                     device: torch.device) -> dict[str, float]:
     """Mean held-out loss of the next-token predictions made at each position bucket of their document (at
     position p the model has seen p + 1 tokens of it), over the first ``eval_tokens`` tokens of ``split``
     packed in windows of ``seq_len`` with document masking. Buckets no prediction reached are left out."""
-    n = min(split.n_windows(seq_len), max(1, eval_tokens // seq_len))
     names = bucket_names(seq_len, bucket)
     sums, counts = np.zeros(len(names)), np.zeros(len(names), dtype=np.int64)
-    was_training = model.training
-    model.eval()
-    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    starts = np.arange(n, dtype=np.int64) * seq_len
-    for i in range(0, n, micro_batch_size):
-        ids, labels, docs = split.windows(starts[i: i + micro_batch_size], seq_len)
-        mask, pos = packed_inputs(torch.from_numpy(docs[:, :-1]).to(device), attn_implementation=attn)
-        logits = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=mask, position_ids=pos).logits
-        tl = token_losses(logits, torch.from_numpy(labels).to(device)).cpu().numpy()
-        b = pos.cpu().numpy() // bucket  # the prediction made at document position p (from p + 1 tokens)
-        valid = labels != IGNORE_INDEX
+    for tl, pos, valid in _window_losses(model, split, seq_len, eval_tokens, micro_batch_size, device):
+        b = pos // bucket  # the prediction made at document position p (from p + 1 tokens)
         np.add.at(sums, b[valid], tl[valid])
         np.add.at(counts, b[valid], 1)
-    model.train(was_training)
     return {names[k]: float(sums[k] / counts[k]) for k in range(len(names)) if counts[k]}
 
 
-@torch.no_grad()
 def heldout_loss(model, split: TokenSplit, seq_len: int, eval_tokens: int, micro_batch_size: int,
                  device: torch.device) -> float:
     """Held-out loss at ``seq_len`` (document masking), over the first ``eval_tokens`` tokens."""
     loss_sum, total = 0.0, 0
-    n = min(split.n_windows(seq_len), max(1, eval_tokens // seq_len))
-    was_training = model.training
-    model.eval()
-    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    starts = np.arange(n, dtype=np.int64) * seq_len
-    for i in range(0, n, micro_batch_size):
-        ids, labels, docs = split.windows(starts[i: i + micro_batch_size], seq_len)
-        mask, pos = packed_inputs(torch.from_numpy(docs[:, :-1]).to(device), attn_implementation=attn)
-        logits = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=mask, position_ids=pos).logits
-        tl = token_losses(logits, torch.from_numpy(labels).to(device))
-        loss_sum += float(tl.sum())
-        total += int((labels != IGNORE_INDEX).sum())
-    model.train(was_training)
+    for tl, _, valid in _window_losses(model, split, seq_len, eval_tokens, micro_batch_size, device):
+        loss_sum += float(tl[valid].sum())
+        total += int(valid.sum())
     return loss_sum / max(1, total)
 
 
