@@ -13,7 +13,7 @@ from prefect import flow
 from flows.alignment import preference_collect_flow, reward_models_flow, sft_base, sft_flow
 from flows.curation import curation_flow, data_fetch_flow, mix_flow
 from flows.rounds import alignment_round_flow
-from flows.pretraining import pretrain_flow, scaling_fit_flow, scaling_sweep_flow, tokenizer_flow
+from flows.pretraining import mix_search_flow, pretrain_flow, scaling_fit_flow, scaling_sweep_flow, tokenizer_flow
 from herd.settings import load_settings
 from stages.presets import PipelineConfig, tiny
 from tasks.evaluation import benchmark_task
@@ -47,7 +47,7 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
         return res["tasks"]
 
     with parent_run("herd-pipeline", config) as run_id:
-        fetched = curated = mixed = tok = fit = model = None
+        fetched = curated = mixed = tok = fit = model = search = None
         if config.sft.base != "pretrained":  # the recipe from a given base model (`herd models import NAME`): SFT on
             base_dir, base_tok = sft_base(config.sft, None, None)  # it, then the alignment half; no corpus, no pretraining
             params = _folder_params(base_dir)
@@ -62,6 +62,12 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
                              parent_run_id=run_id)
             p = config.pretraining
             tok = tokenizer_flow([mixed["output"]], str(s.home / "tokenizer" / config.name), p, parent_run_id=run_id)
+            if p.mix_search.mixtures:  # Llama 3: the mixture chosen by proxies, re-sampled and re-tokenized with
+                search = mix_search_flow(p, tok["tokens"]["path"], parent_run_id=run_id)  # the proxies' tokenizer
+                mixed = mix_flow([curated["output"] + "/kept"], str(s.home / "mixed" / f"{config.name}-auto"),
+                                 config.mix.derive(shares=search["shares"]), parent_run_id=run_id)
+                tok = {**tokenizer_flow([mixed["output"]], None, p, parent_run_id=run_id,
+                                        tokenizer=tok["tokenizer"]["path"]), "tokenizer": tok["tokenizer"]}
             if p.size == "auto":  # size from the scaling laws: IsoFLOP sweep, then the fit's recommendation
                 sweep = scaling_sweep_flow(p, tok["tokens"]["path"], parent_run_id=run_id)
                 fit = scaling_fit_flow(sweep["runs_csv"], str(s.home / "scaling" / config.name), p.fit, p.budget,
@@ -92,10 +98,12 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
             next(r for r in stages if r["stage"] == "sft").update(
                 violation_rate=_rate(base_sft.get("violation")), false_refusal_rate=_rate(base_sft.get("false_refusal")))
         card = report_task(stages, run_id, config.name, _contamination(curated["output"]) if curated else {},
-                           time.perf_counter() - t_start, str(s.home), (model or {}).get("downstream"))
+                           time.perf_counter() - t_start, str(s.home), (model or {}).get("downstream"),
+                           _search_summary(search) if search else None)
         report("report-card", {})
     return {"fetch": {"path": fetched["path"], "docs": fetched["docs"]} if fetched else None, "curation": curated,
             "mix": {k: mixed[k] for k in ("output", "key")} if mixed else None,
+            "mix_search": _search_summary(search) if search else None,
             "tokenizer": {"path": tok["tokenizer"]["path"], "compression": tok["tokenizer"]["compression"]} if tok
             else None,
             "scaling": {k: fit[k] for k in ("output", "isoflop", "parametric", "ci", "recommendation")} if fit else None,
@@ -115,6 +123,13 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
                                                  for c, m in r["reward_models"].items()}} for r in rounds],
             "alignment": [round_summary(a) for a in aligned],
             "report": {"path": card["path"], "markdown": card["markdown"]}}
+
+
+def _search_summary(search: dict) -> dict:
+    keys = ("path", "shares", "prior", "predicted", "measured", "prior_predicted", "prior_measured", "spearman_loo",
+            "beats_prior", "proxy_run")
+    return {k: search.get(k) for k in keys} | {"proxies": [{"shares": r["shares"], "target": r["target"]}
+                                                           for r in search["proxies"]]}
 
 
 def _pretraining_rows(model: dict, params: int, bench) -> list[dict]:

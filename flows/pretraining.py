@@ -16,17 +16,18 @@ from stages.scaling import FitConfig, plan_sweep, write_runs
 from stages.evaluation.harness import HarnessConfig
 from stages.schedule import AnnealTestConfig, stage_configs
 from tasks.common import get_latest, set_latest
+from tasks.mix_search import mix_search_fit_task, mix_search_plan_task, mix_search_report_task, proxy_run_task
 from tasks.evaluation import benchmark_task
 from tasks.pretrain import anneal_compare_task, anneal_test_task, continue_task, pretrain_task
 from tasks.progress import report
 from tasks.scaling import WORKERS, downstream_check_task, downstream_points_task, fit_task, sweep_run_task
-from tasks.tokenizer import tokenize_task, tokenizer_task
+from tasks.tokenizer import tokenize_task, tokenizer_task, trained_tokenizer
 from tasks.tracking import parent_run
 
 
 @flow(name="tokenizer")
 def tokenizer_flow(inputs: list[str], output: str | None = None, config: PretrainingConfig = tiny().pretraining,
-                   parent_run_id: str | None = None) -> dict:
+                   parent_run_id: str | None = None, tokenizer: str | None = None) -> dict:
     """Train the byte-level BPE on the mixed corpus, report compression, and write token shards.
 
     Args:
@@ -34,11 +35,16 @@ def tokenizer_flow(inputs: list[str], output: str | None = None, config: Pretrai
         output: Folder for the tokenizer (Hugging Face format; default: under $HERD_HOME/store).
         config: The pretraining config; its `tokenizer` and `tokenize` sections are used.
         parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+        tokenizer: A tokenizer herd trained, to write the shards with instead of training one (the pipeline
+            re-tokenizes the mixture the search chose with the tokenizer its proxies used).
     """
     s = load_settings()
     with parent_run("tokenizer", config.tokenizer, parent_run_id) as run_id:
-        tok = tokenizer_task(config.tokenizer, inputs, str(s.store), output, run_id)
-        report("tokenizer", {"docs": tok["vocab_size"]})
+        if tokenizer:
+            tok = trained_tokenizer(tokenizer)
+        else:
+            tok = tokenizer_task(config.tokenizer, inputs, str(s.store), output, run_id)
+            report("tokenizer", {"docs": tok["vocab_size"]})
         data = tokenize_task(config.tokenize, tok, inputs, str(s.store), run_id)
         report("tokenize", {})
     set_latest(s.home, tokenizer=tok["path"], tokens=data["path"])
@@ -52,6 +58,27 @@ def _tokens(tokens: str | None) -> dict:
         raise ValueError("no token shards: run `herd tokenizer train` (or `herd demo`) first, or pass --data")
     return {"path": path, "train": str(Path(path) / "train"), "heldout": str(Path(path) / "heldout"),
             "digest": json.loads((Path(path) / "manifest.json").read_text()).get("key", "")}
+
+
+def _in_workers(submits: list, width: int, progress) -> list[dict]:
+    """Run task submissions in a sliding window of ``width`` at once (one sweep worker, process and core, each);
+    results in completion order. ``progress(n)`` after each."""
+    rows: list[dict] = []
+    running: list = []
+
+    def collect(done) -> None:
+        running.remove(done)
+        rows.append(done.result())
+        progress(len(rows))
+
+    for submit in submits:
+        if len(running) >= width:
+            collect(next(as_completed(running)))
+        running.append(submit())
+    for done in as_completed(list(running)):
+        collect(done)
+    WORKERS.stop_all()
+    return rows
 
 
 @flow(name="scaling-sweep")
@@ -71,21 +98,8 @@ def scaling_sweep_flow(config: PretrainingConfig = tiny().pretraining, tokens: s
         plan = plan_sweep(config.sweep)
         train = config.sweep_train.model_dump(mode="json")
         shape = {"head_dim": config.sweep.head_dim, "aspect": config.sweep.aspect}
-        rows: list[dict] = []
-        running: list = []
-
-        def collect(done) -> None:
-            running.remove(done)
-            rows.append(done.result())
-            report("sweep", {"docs": len(rows)})
-
-        for run in plan:  # a sliding window of sweep_workers runs, one process (and core) each
-            if len(running) >= config.sweep_workers:
-                collect(next(as_completed(running)))
-            running.append(sweep_run_task.submit(run, train, shape, data, str(s.store), run_id))
-        for done in as_completed(list(running)):
-            collect(done)
-        WORKERS.stop_all()
+        rows = _in_workers([lambda run=run: sweep_run_task.submit(run, train, shape, data, str(s.store), run_id)
+                            for run in plan], config.sweep_workers, lambda n: report("sweep", {"docs": n}))
         rows.sort(key=lambda r: (r["C"], r["N"]))
         out = Path(output) if output else s.store / "scaling" / config_hash("sweep", config.sweep, train, data["path"])
         out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +112,58 @@ def scaling_sweep_flow(config: PretrainingConfig = tiny().pretraining, tokens: s
             report("downstream-points", {})
     set_latest(s.home, runs_csv=str(csv))
     return {"runs_csv": str(csv), "runs": rows}
+
+
+@flow(name="mix-search")
+def mix_search_flow(config: PretrainingConfig = tiny().pretraining, tokens: str | None = None,
+                    output: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Choose the data mixture by experiment (Llama 3; RegMix): small proxies trained on mixtures sampled around
+    the token shards' own mixture, a regression from shares to the target, the best predicted mixture, checked by
+    a proxy of its own. Writes `shares.json`, which `herd mix --shares auto` reads.
+
+    Args:
+        config: The pretraining config; its `mix_search`, `sweep` (the proxy's size), `sweep_train` and
+            `sweep_workers` are used.
+        tokens: Folder of token shards made from a `herd mix` output (default: the latest the tokenizer flow wrote).
+        output: Folder for shares.json and mix_search.png (default: under $HERD_HOME/store/mix_search).
+        parent_run_id: MLflow run to nest this flow's run under (set by a parent flow; leave empty).
+    """
+    s = load_settings()
+    data = _tokens(tokens)
+    cfg = config.mix_search
+    if cfg.mixtures < 1:
+        raise ValueError("pretraining.mix_search.mixtures is 0: set it (or pass --mixtures) to run the search")
+    budget = cfg.budget or min(config.sweep.budgets)
+    made_with = json.loads((Path(data["path"]) / "manifest.json").read_text()).get("tokenizer_dir") or \
+        get_latest(s.home, "tokenizer")
+    shape = {"head_dim": config.sweep.head_dim, "aspect": config.sweep.aspect}
+    with parent_run("mix-search", cfg, parent_run_id) as run_id:
+        plan = mix_search_plan_task(cfg, data["path"], config.sweep_train.seq_len, budget,
+                                    config.sweep.tokens_per_param, config.sweep.min_params)
+        report("mix-search-plan", {})
+
+        def proxy(label: str, shares: dict, weights: dict):
+            train = config.sweep_train.derive(source_weights=weights, eval_tokens=plan["eval_tokens"]).model_dump(
+                mode="json")
+            return proxy_run_task.submit(label, shares, plan["run"], train, shape, data, str(s.store), run_id)
+
+        runs = _in_workers([lambda k=k, m=m, w=w: proxy("prior" if k == 0 else str(k), m, w)
+                            for k, (m, w) in enumerate(zip(plan["mixtures"], plan["weights"]))],
+                           config.sweep_workers, lambda n: report("mix-proxy", {"docs": n}))
+        order = {"prior": 0} | {str(k): k for k in range(1, len(plan["mixtures"]))}
+        runs.sort(key=lambda r: order[r["label"]])
+        doc = mix_search_fit_task(cfg, plan, runs, made_with, str(s.cache), run_id)
+        report("mix-search-fit", {})
+        chosen = None
+        if cfg.validate_choice:
+            chosen = proxy("chosen", doc["shares"], doc["weights"]).result()
+            WORKERS.stop_all()
+        out = output or str(s.store / "mix_search" / config_hash("mix-search", cfg, config.sweep_train, shape,
+                                                                 data["path"]))
+        res = mix_search_report_task(cfg, doc, chosen, made_with, str(s.cache), out, run_id)
+        report("mix-search", {})
+    set_latest(s.home, shares=res["path"])
+    return res
 
 
 @flow(name="scaling-fit")

@@ -353,11 +353,27 @@ def mix(input: list[Path] = typer.Option(..., "--input", help="curated folder(s)
         output: Path = typer.Option(..., "--output", help="output folder (data/, table.json, table.md)"),
         tokens: int = typer.Option(..., "--tokens", help="token budget of the mixture"),
         config: Optional[Path] = typer.Option(None, help="YAML overrides of the mix config"),
-        preset: str = typer.Option("tiny", help=PRESET_HELP)) -> None:
-    """Sample a mixture by source share and epochs (the Llama 1 table) for a token budget."""
+        preset: str = typer.Option("tiny", help=PRESET_HELP),
+        shares: Optional[str] = typer.Option(None, help="'auto': the shares the latest `herd mix-search` chose; a "
+                                             "path: that search's shares.json (default: the config's shares, the "
+                                             "Llama 1 table)")) -> None:
+    """Sample a mixture by source share and epochs (the Llama 1 table, or a mixture search's choice) for a token
+    budget."""
     cfg = _load("mix", preset, config)
+    path = shares
+    if shares == "auto":
+        from tasks.common import get_latest
+
+        path = get_latest(load_settings().home, "shares")
+        if not path:
+            _fail("--shares auto: no mixture search has run in this $HERD_HOME; run `herd mix-search` (or `herd demo`) "
+                  "first, or pass a shares.json")
     try:
         cfg = cfg.derive(tokens=tokens)
+        if path:
+            from stages.mix_search import read_shares
+
+            cfg = cfg.derive(shares=read_shares(path))
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     _setup()
@@ -369,6 +385,46 @@ def mix(input: list[Path] = typer.Option(..., "--input", help="curated folder(s)
     except HerdError as exc:
         _fail(exc)
     typer.echo((Path(res["output"]) / "table.md").read_text())
+
+
+@app.command("mix-search")
+def mix_search(config: Optional[Path] = typer.Option(None, help="YAML overrides of the pretraining config"),
+               preset: str = typer.Option("tiny", help=PRESET_HELP),
+               data: Optional[Path] = typer.Option(None, help="token shards made from a `herd mix` output (default: "
+                                                   "the latest tokenized)"),
+               mixtures: Optional[int] = typer.Option(None, help="mixtures to sample, one proxy each (default: the "
+                                                      "preset's pretraining.mix_search.mixtures)"),
+               output: Optional[Path] = typer.Option(None, help="folder for shares.json and mix_search.png")) -> None:
+    """Choose the data mixture by experiment (Llama 3, RegMix): small proxies on mixtures sampled around the token
+    shards' mixture, a regression from shares to benchmark bpb and held-out loss, the best predicted mixture and
+    a proxy of its own; writes shares.json for `herd mix --shares auto`."""
+    cfg = _load("pretraining", preset, config)
+    try:
+        if mixtures is not None:
+            cfg = cfg.derive(mix_search=cfg.mix_search.derive(mixtures=mixtures).model_dump())
+        if cfg.mix_search.mixtures < 1:
+            raise ValueError("mix_search.mixtures is 0: pass --mixtures K")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    _setup()
+    from flows.pretraining import mix_search_flow
+
+    res = _run(_mix_search_steps(cfg), "mix-search",
+               lambda: mix_search_flow(cfg, str(data) if data else None, str(output) if output else None))
+    typer.echo(f"{'source':>10} {'prior':>7} {'chosen':>7}")
+    for src, v in res["shares"].items():
+        typer.echo(f"{src:>10} {res['prior'][src]:>7.3f} {v:>7.3f}")
+    meas = "-" if res["measured"] is None else f"{res['measured']:.4f}"
+    typer.echo(f"target (lower is better): prior {res['prior_measured']:.4f} measured; chosen {res['predicted']:.4f} "
+               f"predicted, {meas} measured; leave-one-out Spearman {res['spearman_loo']:.2f} over "
+               f"{len(res['proxies'])} proxies")
+    typer.echo(f"shares: {res['path']}   (herd mix --shares auto ... samples it)")
+
+
+def _mix_search_steps(p) -> int:
+    """Progress steps of the mixture search: plan, a proxy per mixture (the prior's too), fit, the chosen proxy and
+    shares.json."""
+    return 3 + p.mix_search.mixtures + 1 if p.mix_search.mixtures else 0
 
 
 @tok_app.command("train")
@@ -666,6 +722,8 @@ def demo(preset: str = typer.Option("tiny", help=PRESET_HELP),
         n_before = 0 if cfg.sft.base != "pretrained" else len(enabled_steps(cfg.curation)) + 4 + 3 + n_scaling
         if cfg.sft.base == "pretrained":
             n_before += _schedule_steps(p)
+            if p.mix_search.mixtures:  # the search, then the chosen mixture sampled and tokenized
+                n_before += _mix_search_steps(p) + 2
         res = _with_bar(n_before + n_align, "demo", lambda: _alongside(pipeline_flow, cfg, settings))
     except HerdError as exc:
         _fail(exc)

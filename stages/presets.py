@@ -30,6 +30,7 @@ from stages.ppo import PPOConfig
 from stages.rejection import RejectionConfig
 from stages.reward import RewardsConfig, RMConfig
 from stages.scaling import FitConfig, SweepConfig
+from stages.mix_search import MixSearchConfig
 from stages.schedule import AnnealConfig, ContextStageConfig, ProbeConfig
 from stages.sft import SFTConfig
 from stages.sft_data import SFTDataConfig, SFTTokenizeConfig
@@ -67,6 +68,11 @@ class PretrainingConfig(StageConfig):
                                             "none); the sweep's models are scored on these tasks")
     stage_probe: ProbeConfig = Field(default_factory=ProbeConfig, description="what each context stage is measured "
                                      "on: position-bucketed loss, short-context loss against the main run, passkey")
+    mix_search: MixSearchConfig = Field(default_factory=MixSearchConfig, description="Llama 3's mixture chosen by "
+                                        "experiment: proxies (the sweep's smallest size) on mixtures sampled around "
+                                        "the mix's shares, a regression, the best predicted mixture (mixtures 0: "
+                                        "the mix's shares stand); in the pipeline, the chosen mixture is re-sampled "
+                                        "and re-tokenized before the sweep")
 
     @model_validator(mode="after")
     def _processes(self) -> PretrainingConfig:
@@ -232,6 +238,8 @@ def _tiny_pretraining() -> PretrainingConfig:
         context_stages=[ContextStageConfig(seq_len=256, tokens=40_000), ContextStageConfig(seq_len=512, tokens=40_000)],
         anneal=AnnealConfig(tokens=30_000, average_last=4),
         stage_probe=ProbeConfig(main_seq_len=128, eval_tokens=32_768, passkey_trials=20),
+        # 12 mixtures + the prior, proxies at the sweep's smallest budget (~16k parameters, ~0.6M tokens each)
+        mix_search=MixSearchConfig(mixtures=12),
     )
 
 
@@ -251,6 +259,9 @@ def _smoke_pretraining() -> PretrainingConfig:
         anneal=AnnealConfig(tokens=2048, average_last=2),
         stage_probe=ProbeConfig(main_seq_len=64, bucket=32, eval_tokens=4096, passkey_trials=4),
         downstream=DownstreamFitConfig(items=16, n_boot=20),
+        # the smoke mixture already repeats every source hundreds of times (a handful of documents for a 1M budget):
+        # no epoch cap
+        mix_search=MixSearchConfig(mixtures=6, items=16, grid=2000, top=20, max_epochs=1e9),
     )
 
 

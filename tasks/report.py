@@ -30,9 +30,9 @@ def git_state(repo: Path = REPO) -> dict:
 
 @task(task_run_name="report-card")
 def report_task(stages: list[dict], run_id: str, preset: str, contamination: dict, wall_s: float, home: str,
-                downstream: dict | None = None) -> dict:
+                downstream: dict | None = None, mixture: dict | None = None) -> dict:
     report = build_report(stages, run_id=run_id, git=git_state(), preset=preset, contamination=contamination,
-                          wall_s=wall_s, downstream=downstream)
+                          wall_s=wall_s, downstream=downstream, mixture=mixture)
     md = render_markdown(report)
     client = mlflow.MlflowClient()
     client.log_text(run_id, md, "report.md")

@@ -80,11 +80,9 @@ WORKERS = _Workers()
 atexit.register(WORKERS.stop_all)
 
 
-@task(task_run_name="sweep-C{run[C]:.1e}-N{run[N]}")
-def sweep_run_task(run: dict, train: dict, shape: dict, data: dict, store: str, parent_run_id: str | None) -> dict:
-    """Train one (N, D) model of the sweep in its own process (one core each), return its held-out loss.
-
-    ``shape`` is ``{"head_dim", "aspect"}``: how N maps onto a model shape (``ModelConfig.for_params``)."""
+def train_in_worker(run: dict, train: dict, shape: dict, data: dict, store: str) -> tuple[Path, dict]:
+    """Train one model of N scaling parameters on C/(6N) tokens in a sweep worker (one core), or find it trained:
+    ``(its folder, its result.json)``. Stored under ``store/sweep/<hash of run, train, shape, data>``."""
     key = config_hash("sweep-run", run, train, shape, store_key(data["train"], store))
     out = Path(store) / "sweep" / key
     result_file = out / "result.json"
@@ -100,7 +98,15 @@ def sweep_run_task(run: dict, train: dict, shape: dict, data: dict, store: str, 
         if not answer.get("ok"):
             raise RuntimeError(f"sweep run C={run['C']:.2e} N={run['N']} failed: {answer.get('error')} "
                                f"(log: {worker.log})")
-    res = json.loads(result_file.read_text())
+    return out, json.loads(result_file.read_text())
+
+
+@task(task_run_name="sweep-C{run[C]:.1e}-N{run[N]}")
+def sweep_run_task(run: dict, train: dict, shape: dict, data: dict, store: str, parent_run_id: str | None) -> dict:
+    """Train one (N, D) model of the sweep in its own process (one core each), return its held-out loss.
+
+    ``shape`` is ``{"head_dim", "aspect"}``: how N maps onto a model shape (``ModelConfig.for_params``)."""
+    out, res = train_in_worker(run, train, shape, data, store)
     with stage_run(f"sweep/C={run['C']:.1e}/N={run['N']}", None, parent_run_id) as rid:
         mlflow.log_params({"C": run["C"], "N_planned": run["N"], "N": res["N"], "D": res["tokens"],
                            **res.get("shape", {})})

@@ -31,6 +31,7 @@ def main(spec_json: str) -> None:
     res = pretrain(cfg, model_cfg, spec["data"]["train"], spec["data"]["heldout"], out / "train")
     write_json_atomic(out / "result.json", {
         "C": run["C"], "N_planned": run["N"], "N": n, "tokens": res.tokens, "loss": res.heldout_loss,
+        "loss_by_source": res.heldout_loss_by_source,
         "final_train_loss": res.final_loss, "seconds": res.tokens / max(res.tokens_per_s, 1e-9),
         "shape": {"dim": model_cfg.dim, "n_layers": model_cfg.n_layers, "n_heads": model_cfg.n_heads},
     })

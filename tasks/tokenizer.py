@@ -41,6 +41,18 @@ def tokenizer_task(cfg: TokenizerConfig, inputs: list[str], store: str, output: 
     return {"path": str(out), "sha256": res["sha256"], "vocab_size": res["vocab_size"], "compression": comp}
 
 
+def trained_tokenizer(path: str) -> dict:
+    """A tokenizer ``train_tokenizer`` wrote (its manifest's result: path, sha256, vocab size), with its compression
+    left out; a folder without that manifest is an error naming it."""
+    from stages.common import read_manifest
+    from stages.errors import ConfigError
+
+    man = read_manifest(Path(path))
+    if not man or "result" not in man:
+        raise ConfigError(f"{path}: not a tokenizer herd trained (no manifest.json with a result)")
+    return {**man["result"], "path": str(path), "compression": {}}
+
+
 @task(task_run_name="tokenize")
 def tokenize_task(cfg: TokenizeConfig, tokenizer: dict, inputs: list[str], store: str,
                   parent_run_id: str | None) -> dict:

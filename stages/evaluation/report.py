@@ -53,13 +53,14 @@ def core_score(tasks: dict[str, Any]) -> float | None:
 
 def build_report(stages: Sequence[dict[str, Any]], *, run_id: str | None = None, git: dict | None = None,
                  preset: str | None = None, contamination: dict | None = None, wall_s: float | None = None,
-                 downstream: dict | None = None) -> dict[str, Any]:
+                 downstream: dict | None = None, mixture: dict | None = None) -> dict[str, Any]:
     """``report.json``: the stages as given (each ``{"stage", "model_dir", "params", "tokens", "wall_s",
     "heldout_loss", "benchmarks": {task: {"n", "shots", "metrics", "stderr"}}, "judge_win_vs_sft",
     "violation_rate", "false_refusal_rate"}``, the alignment numbers as ``[value, ci_low, ci_high]``), plus
     ``core`` per stage and the alignment tax (benchmark deltas against the SFT stage). ``downstream``: the
     two-step prediction of the main run's benchmarks against what it measured, ``{task: {"predicted": {"bpb":
-    [v, lo, hi], "acc": [...]}, "measured": {"bpb", "acc"}}}``."""
+    [v, lo, hi], "acc": [...]}, "measured": {"bpb", "acc"}}}``. ``mixture``: the mixture search's result
+    (``shares``, ``prior``, ``predicted``, ``measured``, ``prior_measured``, ``spearman_loo``, ``proxies``)."""
     rows = []
     for st in stages:
         row = dict(st)
@@ -83,7 +84,8 @@ def build_report(stages: Sequence[dict[str, Any]], *, run_id: str | None = None,
                 deltas["core"] = r["core"] - sft["core"]
             tax[r["stage"]] = deltas
     return {"run_id": run_id, "preset": preset, "git": git or {}, "wall_s": wall_s, "stages": rows,
-            "alignment_tax": tax, "contamination": contamination or {}, "downstream": downstream or {}}
+            "alignment_tax": tax, "contamination": contamination or {}, "downstream": downstream or {},
+            "mixture": mixture or {}}
 
 
 def _pct(v: float | None) -> str:
@@ -162,6 +164,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {st} | " + " | ".join(f"{100 * d[k]:+.1f}" if k in d else "-" for k in show) + " |")
         lines.append("")
         lines.append("Points of the headline metric (and of CORE); negative is a tax.")
+    mix = report.get("mixture") or {}
+    if mix:
+        lines += ["", "## Data mixture (chosen by proxy experiments)", ""]
+        lines.append("| source | prior | chosen |")
+        lines.append("|---|---|---|")
+        for src, v in mix["shares"].items():
+            lines.append(f"| {src} | {100 * mix['prior'].get(src, 0.0):.1f} | {100 * v:.1f} |")
+        lines.append("")
+        meas = "-" if mix.get("measured") is None else f"{mix['measured']:.4f}"
+        lines.append(f"Shares in % of tokens. {len(mix.get('proxies') or [])} proxy models, one per mixture sampled "
+                     f"around the prior; a regression on log-shares (leave-one-out Spearman "
+                     f"{mix['spearman_loo']:.2f}) chose the mixture. Target, lower is better: the prior's proxy "
+                     f"{mix['prior_measured']:.4f}; the chosen mixture's {mix['predicted']:.4f} predicted, {meas} "
+                     "measured by its own proxy.")
     down = report.get("downstream") or {}
     if down:
         lines += ["", "## Downstream prediction (Llama 3's two-step method)", ""]

@@ -198,6 +198,50 @@ def test_herd_lineage_prints_the_chain_and_the_tree(demo):
     assert bad.returncode == 2 and "models:/policy@nope" in bad.stderr
 
 
+def test_the_pipeline_chooses_its_mixture_by_proxies_and_trains_on_it(demo):
+    """Llama 3's mixture experiment in the pipeline: a proxy per sampled mixture (the prior first) and one for the
+    chosen mixture, shares.json and its figure, the chosen mixture re-sampled and re-tokenized with the proxies'
+    tokenizer before the sweep, the report card's mixture section; then `herd mix --shares auto` samples the
+    same shares."""
+    from stages.mix_search import read_shares
+
+    res, home = demo["result"], demo["home"]
+    search = res["mix_search"]
+    k = demo["cfg"].pretraining.mix_search.mixtures
+    assert len(search["proxies"]) == k + 1 and search["proxies"][0]["shares"] == pytest.approx(search["prior"])
+    assert sum(search["shares"].values()) == pytest.approx(1.0) and set(search["shares"]) == set(search["prior"])
+    assert search["measured"] is not None and search["beats_prior"] == (search["measured"] < search["prior_measured"])
+    path = Path(search["path"])
+    assert read_shares(path) == pytest.approx(search["shares"])
+    assert (path.parent / "mix_search.png").stat().st_size > 10_000
+    names = [r.info.run_name for r in mlflow.search_runs(experiment_names=["herd"], output_format="list",
+                                                         max_results=2000)]
+    assert sum(n.startswith("mix-search/proxy-") for n in names) == k + 2  # the prior, k mixtures, the chosen one
+    assert {"mix-search/fit", "mix-search/chosen"} <= set(names)
+    # the pretraining data is the chosen mixture, tokenized with the tokenizer the proxies used
+    table = json.loads((Path(res["mix"]["output"]) / "table.json").read_text())
+    assert {r["source"]: r["target_share"] for r in table["sources"] if r["target_share"] > 0} == \
+        pytest.approx(search["shares"])
+    main = next(v for v in mlflow.MlflowClient().search_model_versions("name='base'") if v.tags["herd.stage"] == "main")
+    man = json.loads((Path(main.tags["herd.tokens_train"]).parent / "manifest.json").read_text())
+    assert {str(Path(f).parent.parent) for f in man["inputs"]} == {res["mix"]["output"]}
+    assert res["mix"]["output"].endswith("-auto") and man["tokenizer_dir"] == res["tokenizer"]["path"]
+    assert "## Data mixture (chosen by proxy experiments)" in res["report"]["markdown"]
+    # the CLI samples the latest search's shares
+    env = {**os.environ, "HERD_HOME": str(home), "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
+    out = home / "mixed-cli"
+    cmd = [sys.executable, "-m", "herd.cli", "mix", "--input", res["curation"]["output"] + "/kept", "--output",
+           str(out), "--tokens", "20000", "--shares", "auto", "--preset", "smoke"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads((out / "table.json").read_text())
+    assert {r["source"]: r["target_share"] for r in got["sources"] if r["target_share"] > 0} == \
+        pytest.approx(search["shares"])
+    bad = subprocess.run(cmd[:-4] + ["--shares", str(home / "nope.json")], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "nope.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
 # ------------------------------------------------------------------ a crashed registration, rerun
 
 
