@@ -127,7 +127,7 @@ def pipeline_flow(config: PipelineConfig = tiny()) -> dict:
 
 def _search_summary(search: dict) -> dict:
     keys = ("path", "shares", "prior", "predicted", "measured", "prior_predicted", "prior_measured", "spearman_loo",
-            "beats_prior", "proxy_run")
+            "beats_prior", "proxy_run", "tokens")
     return {k: search.get(k) for k in keys} | {"proxies": [{"shares": r["shares"], "target": r["target"]}
                                                            for r in search["proxies"]]}
 

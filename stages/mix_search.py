@@ -307,6 +307,7 @@ def plan_search(cfg: MixSearchConfig, tokens_dir: str | Path, seq_len: int, budg
     X = sample_mixtures(prior, cfg.mixtures, cfg.concentration, cfg.seed, caps)
     mixtures = [dict(prior)] + [{s: float(v) for s, v in zip(sources, row)} for row in X]
     return {"sources": sources, "prior": prior, "split_shares": split_shares, "table": table["path"],
+            "tokens": str(tokens_dir),
             "caps": {s: float(c) for s, c in zip(sources, caps)}, "mixtures": mixtures,
             "weights": [proxy_source_weights(m, split_shares) for m in mixtures],
             "run": {"C": float(budget), "N": proxy_size(budget, tokens_per_param, min_params)},
@@ -333,7 +334,8 @@ def summarize_search(cfg: MixSearchConfig, plan: dict[str, Any], proxies: Sequen
             "spearman_loo": summ["spearman_loo"], "loo_predictions": summ["loo_predictions"],
             "beats_prior": None, "best_proxy": int(np.argmin(y)), "proxies": rows, "chosen_proxy": None,
             "regression": summ["regression"], "caps": plan["caps"], "split_shares": plan["split_shares"],
-            "proxy_run": plan["run"], "mixture_table": plan["table"], "config": cfg.model_dump(mode="json")}
+            "proxy_run": plan["run"], "mixture_table": plan["table"], "tokens": plan["tokens"],
+            "config": cfg.model_dump(mode="json")}
 
 
 def with_chosen_proxy(cfg: MixSearchConfig, doc: dict[str, Any], proxy: dict[str, Any]) -> dict[str, Any]:

@@ -240,6 +240,17 @@ def test_the_pipeline_chooses_its_mixture_by_proxies_and_trains_on_it(demo):
     bad = subprocess.run(cmd[:-4] + ["--shares", str(home / "nope.json")], env=env, capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "nope.json" in bad.stderr and "Traceback" not in bad.stderr
+    # `herd mix-search` on the same shards finds every proxy trained (stored by run, config and data) and chooses
+    # the same mixture
+    again = subprocess.run([sys.executable, "-m", "herd.cli", "mix-search", "--preset", "smoke", "--data",
+                            search["tokens"], "--output", str(home / "search-cli")], env=env, capture_output=True,
+                           text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert read_shares(home / "search-cli" / "shares.json") == pytest.approx(search["shares"])
+    assert "leave-one-out Spearman" in again.stdout and "herd mix --shares auto" in again.stdout
+    none = subprocess.run([sys.executable, "-m", "herd.cli", "mix-search", "--preset", "smoke", "--data",
+                           str(home)], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert none.returncode == 2 and "no token manifest" in none.stderr and "Traceback" not in none.stderr
 
 
 # ------------------------------------------------------------------ a crashed registration, rerun
