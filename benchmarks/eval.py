@@ -12,7 +12,9 @@ smollm2-135m``). Items are herd's seeded ``--limit`` sample of each task; lm-eva
 files through its own task configs (``benchmarks/_lm_eval.py``). herd's time is its per-task time (tokenising,
 forwards, metrics); lm-eval's is the time inside ``HFLM.loglikelihood`` (tokenising and forwards; dataset loading
 and task building left out). Model loading is excluded on both sides; each side is warmed up on a few items first,
-then the two run in turn ``--repeats`` times and the table shows each side's median. The FLOP ratio column is
+then the two run in turn ``--repeats`` times and the table shows each side's median. lm-eval runs in a process of
+its own with the C library's default allocator, as it runs for its users; herd tunes its process's allocator for
+tensor work (``stages.device.tune_cpu_allocator``), and ``--ref-allocator tuned`` gives lm-eval the same setting. The FLOP ratio column is
 lm-eval's arithmetic over herd's for the same items (linear layers: herd's padded rows and scored positions,
 lm-eval's full sequences): it separates what herd saves by computing less from how fast each side computes.
 """
@@ -20,6 +22,7 @@ lm-eval's full sequences): it separates what herd saves by computing less from h
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -32,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._lm_eval import REF_TASKS, make_lm, run_lm_eval  # noqa: E402
+from stages.device import tune_cpu_allocator  # noqa: E402
 from stages.evaluation.benchmarks import load_task  # noqa: E402
 from stages.evaluation.harness import (HarnessConfig, bos_prefix, encode_pair, evaluate_model,  # noqa: E402
                                       sample_items)
@@ -49,6 +53,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--warmup", type=int, default=4, help="items of the first task each side scores first, untimed")
     p.add_argument("--repeats", type=int, default=3, help="alternating timed runs per side; the table shows medians")
+    p.add_argument("--ref-allocator", default="default", choices=["default", "tuned"],
+                   help="lm-eval's malloc: 'default' (as it runs for its users) or 'tuned' (herd's setting, "
+                        "stages.device.tune_cpu_allocator: the ratio of the two scorers' arithmetic alone)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     home = Path(os.environ.get("HERD_HOME", ROOT / ".herd"))
@@ -61,17 +68,31 @@ def main() -> None:
     batch_size: int | str = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     cfg = HarnessConfig(limit=args.limit, device="cpu", dtype=args.dtype, batch_tokens=args.batch_tokens)
 
-    # warm-up, untimed: herd, then lm-eval
+    # lm-eval runs in a process of its own, started before herd's (which tunes its allocator on its first CPU
+    # model): as lm-eval runs for its users, unless --ref-allocator tuned gives it herd's setting too
     items = {t.name: sample_items(t.items, cfg.limit, cfg.seed, t.name) for t in tasks}
+    ctx = mp.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    ref_proc = ctx.Process(target=_lm_eval_server, args=(child_conn, str(model_dir), batch_size, args.dtype,
+                                                         args.threads, str(cache), args.ref_allocator == "tuned"))
+    ref_proc.start()
+    # warm-up, untimed: herd, then lm-eval
     evaluate_model(cfg.model_copy(update={"limit": args.warmup}), model_dir, tasks[:1])
-    lm = make_lm(model_dir, batch_size=batch_size, dtype=args.dtype)
     herd_s: dict[str, list[float]] = {n: [] for n in names}
     ref_s: dict[str, list[float]] = {n: [] for n in names}
+
+    def run_ref(batch: dict, work: Path) -> dict:
+        conn.send((batch, str(work)))
+        answer = conn.recv()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
     with tempfile.TemporaryDirectory() as tmp:
-        run_lm_eval(lm, {names[0]: items[names[0]][:args.warmup]}, cache, Path(tmp) / "warmup")
+        run_ref({names[0]: items[names[0]][:args.warmup]}, Path(tmp) / "warmup")
         for rep in range(args.repeats):  # alternate the sides, so a slow spell of the machine hits both
             herd, records = evaluate_model(cfg, model_dir, tasks)
-            ref = run_lm_eval(lm, items, cache, Path(tmp) / f"run{rep}")
+            ref = run_ref(items, Path(tmp) / f"run{rep}")
             for n in names:
                 herd_s[n].append(herd["timing"][n]["seconds"])
                 ref_s[n].append(ref[n]["seconds"])
@@ -79,14 +100,20 @@ def main() -> None:
                   f"{sum(ref_s[n][-1] for n in names):.1f} s, ratio "
                   f"{sum(ref_s[n][-1] for n in names) / sum(herd_s[n][-1] for n in names):.2f}x", flush=True)
 
+    conn.send(None)
+    ref_proc.join(timeout=60)
     # the arithmetic each side did, from the model's linear layers (attention's T^2 term left out): herd runs the
     # decoder over its padded packed rows and the LM head where a token is scored; lm-eval runs decoder and head
     # over every context + continuation (BOS + both, less the last token; its batch padding left out)
-    model = lm.model
+    from transformers import AutoTokenizer
+
+    from stages.model import load_causal_lm
+
+    model = load_causal_lm(model_dir)
     head_w = model.get_output_embeddings().weight
     body = 2 * sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear))
     head = 2 * head_w.numel()
-    tok = lm.tokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     bos = bos_prefix(tok)
     max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
 
@@ -101,7 +128,8 @@ def main() -> None:
     params = sum(x.numel() for x in model.parameters())
     print(f"model {model_dir} ({params / 1e6:.1f}M params), {args.dtype}, cpu, {args.threads} threads; "
           f"herd batch_tokens {args.batch_tokens}, lm-eval batch_size {args.batch_size}; --limit {args.limit}; "
-          f"median of {args.repeats} alternating runs per side")
+          f"median of {args.repeats} alternating runs per side; allocator: herd tuned "
+          f"({'yes' if tune_cpu_allocator() else 'not glibc'}), lm-eval {args.ref_allocator}")
     head_line = (f"{'task':<11}{'n':>5}{'herd it/s':>11}{'lm-eval it/s':>14}{'ratio':>7}{'FLOP ratio':>12}"
                  f"{'herd GFLOP/s':>14}  {'herd acc/norm':>15}{'lm-eval acc/norm':>18}{'diff acc/norm':>16}"
                  f"{'max|dll|':>10}")
@@ -126,6 +154,20 @@ def main() -> None:
           f"{tot_h:.1f}, lm-eval {tot_r:.1f}); per run {', '.join(f'{x:.2f}x' for x in runs)}. FLOP ratio: lm-eval's "
           f"arithmetic over herd's, {fl_r / fl_h:.2f}x (the ratio at equal FLOP/s). "
           f"max|dll|: herd's records round to 1e-4")
+
+
+def _lm_eval_server(conn, model_dir: str, batch_size, dtype: str, threads: int, cache: str, tune: bool) -> None:
+    """lm-eval's side, in its own process: scores each ``(items by task, work dir)`` it is sent until ``None``."""
+    torch.set_num_threads(threads)
+    if tune:
+        tune_cpu_allocator()
+    lm = make_lm(model_dir, batch_size=batch_size, dtype=dtype)
+    while (msg := conn.recv()) is not None:
+        batch, work = msg
+        try:
+            conn.send(run_lm_eval(lm, batch, Path(cache), Path(work)))
+        except Exception as exc:  # noqa: BLE001  (raised again in the parent)
+            conn.send(exc)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,37 @@ from stages.errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+_ALLOCATOR_TUNED: list[bool] = []
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process heap for reuse (glibc ``mallopt``): a CPU forward allocates and frees
+    activations of tens of MB per op, which glibc by default serves with fresh ``mmap`` pages and returns to the
+    system on free, so every op pays page faults on first touch. Raising the mmap and trim thresholds gives what
+    PyTorch's CPU tuning guides get from jemalloc or tcmalloc. Measured on this project's 2-core machine (8192 x
+    1536 floats, 2 threads): SiLU x up 31.7 -> 10.8 ms, the 8192 x 576 x 1536 matmul (its output allocated
+    each call) 58.5 -> 45.0 ms. Once per process; ``False`` where the C library has no ``mallopt`` (not glibc).
+    The heap then keeps its peak size until the process ends."""
+    if _ALLOCATOR_TUNED:
+        return _ALLOCATOR_TUNED[0]
+    ok = False
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        ok = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        ok = False
+    _ALLOCATOR_TUNED.append(ok)
+    return ok
+
+
 def resolve_device(device: str, rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda`` when visible, else ``cpu``; ``cuda`` without a GPU is a ConfigError. Under torchrun
-    (``rank``) each process takes GPU ``rank % count``."""
+    (``rank``) each process takes GPU ``rank % count``. On the CPU, the allocator is tuned for tensor work
+    (:func:`tune_cpu_allocator`)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -33,6 +61,7 @@ def resolve_device(device: str, rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{rank % torch.cuda.device_count()}")
     if device != "cpu":
         raise ConfigError(f"device: {device!r} is not one of auto, cpu, cuda")
+    tune_cpu_allocator()
     return torch.device("cpu")
 
 
