@@ -11,6 +11,7 @@ from prefect.futures import as_completed
 
 from herd.settings import load_settings
 from stages.common import config_hash
+from stages.errors import ConfigError
 from stages.presets import PretrainingConfig, tiny
 from stages.scaling import FitConfig, plan_sweep, write_runs
 from stages.evaluation.harness import HarnessConfig
@@ -56,8 +57,11 @@ def _tokens(tokens: str | None) -> dict:
     path = tokens or get_latest(s.home, "tokens")
     if not path:
         raise ValueError("no token shards: run `herd tokenizer train` (or `herd demo`) first, or pass --data")
+    man = Path(path) / "manifest.json"
+    if not man.is_file():
+        raise ConfigError(f"{path}: no token manifest (manifest.json); pass a folder `herd tokenizer train` wrote")
     return {"path": path, "train": str(Path(path) / "train"), "heldout": str(Path(path) / "heldout"),
-            "digest": json.loads((Path(path) / "manifest.json").read_text()).get("key", "")}
+            "digest": json.loads(man.read_text()).get("key", "")}
 
 
 def _in_workers(submits: list, width: int, progress) -> list[dict]:
