@@ -44,6 +44,16 @@ def own_store(home: Path, package_cache: Path):
             mlflow.set_tracking_uri(old["MLFLOW_TRACKING_URI"])
 
 
+def _cli_env(home: Path) -> dict[str, str]:
+    """The environment of a `herd` command run against this module's store and the test harness's Prefect server
+    (the harness sets its URL in Prefect's settings, not in the environment: without it the command would start a
+    Prefect server of its own for ``home`` and leave it running)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "HERD_HOME": str(home), "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+            "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 def demo_config():
     """The smoke preset, shortened where lineage does not look: curation steps run in this process (one datatrove
     task, no worker processes to start), a fixed debug-size base (no IsoFLOP sweep), two rounds (V2 has a parent
@@ -182,7 +192,7 @@ def test_every_policy_version_carries_its_lineage_figure(demo):
 def test_herd_lineage_prints_the_chain_and_the_tree(demo):
     from tasks.lineage import lineage
 
-    env = {**os.environ, "HERD_HOME": str(demo["home"]), "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
+    env = _cli_env(demo["home"])
     cmd = [sys.executable, "-m", "herd.cli", "lineage", "models:/policy@champion"]
     text = subprocess.run(cmd + ["--check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert text.returncode == 0, text.stderr[-2000:]
@@ -228,7 +238,7 @@ def test_the_pipeline_chooses_its_mixture_by_proxies_and_trains_on_it(demo):
     assert res["mix"]["output"].endswith("-auto") and man["tokenizer_dir"] == res["tokenizer"]["path"]
     assert "## Data mixture (chosen by proxy experiments)" in res["report"]["markdown"]
     # the CLI samples the latest search's shares
-    env = {**os.environ, "HERD_HOME": str(home), "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
+    env = _cli_env(home)
     out = home / "mixed-cli"
     cmd = [sys.executable, "-m", "herd.cli", "mix", "--input", res["curation"]["output"] + "/kept", "--output",
            str(out), "--tokens", "20000", "--shares", "auto", "--preset", "smoke"]
