@@ -37,3 +37,5 @@ def test_the_cpu_rounds_config_runs_llama2s_five_rounds_on_smollm2() -> None:
         [Algorithm.rejection_sampling, Algorithm.ppo]]
     # every round's RMs see a new batch, each with safety prompts, so violations can be read per round
     assert cfg.preferences.collect.prompts >= 100 and cfg.preferences.collect.safety_share > 0
+    # the safety RM keeps Llama 2's 90/10 mix; the helpfulness RM trains on helpfulness pairs only
+    assert cfg.rewards.helpfulness.other_ratio == 0 and cfg.rewards.safety.other_ratio > 0
